@@ -1,0 +1,300 @@
+"""Typed configs: dataclasses per section, YAML files, dotted `section.key=value` overrides.
+
+A run config is one YAML file (it may name a `base:` file, merged underneath it) plus command-line
+overrides. Every key is checked against the dataclass fields at load time: an unknown key, a value
+of the wrong type, a value outside a fixed set of choices or an invalid combination raises
+`ConfigError` with a message naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A user-facing configuration problem; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class RopeConfig:
+  """Rotary embedding frequencies. `type` follows the HF `rope_type` names."""
+  type: Literal["default", "linear", "llama3", "longrope"] = "default"
+  theta: float = 10000.0
+  factor: float = 1.0                    # linear, llama3; longrope derives it from the lengths
+  low_freq_factor: float = 1.0           # llama3
+  high_freq_factor: float = 4.0          # llama3
+  original_max_position_embeddings: int = 0   # llama3, longrope
+  short_factor: list[float] = field(default_factory=list)   # longrope, head_dim // 2 values
+  long_factor: list[float] = field(default_factory=list)    # longrope, used past the original length
+  attention_factor: float | None = None  # longrope; None = sqrt(1 + ln(factor) / ln(original))
+
+
+@dataclass
+class LLMConfig:
+  """A decoder-only LLM. Families: llama (Llama 1/2/3/3.x), qwen2, phi3 (Phi-3/3.5)."""
+  family: Literal["llama", "qwen2", "phi3"] = "llama"
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 0                      # 0 = hidden_size // num_heads
+  rms_norm_eps: float = 1e-6
+  max_position_embeddings: int = 4096
+  rope: RopeConfig = field(default_factory=RopeConfig)
+  qkv_bias: bool = False                 # qwen2: True
+  tie_word_embeddings: bool = False
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class ModelConfig:
+  llm: LLMConfig = field(default_factory=LLMConfig)
+  dtype: Literal["float32", "bfloat16"] = "float32"        # compute dtype
+  param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
+  scan_layers: bool = False              # lax.scan over the stacked decoder layers
+  init_from: str = ""                    # a converted checkpoint directory
+
+
+# ----------------------------------------------------------------------------------------- attention
+MASK_MODES = ("causal", "mma", "mma_bidir_image", "prefix_lm")
+
+
+@dataclass
+class AttentionConfig:
+  impl: Literal["auto", "dense", "flash", "splash"] = "auto"
+  mask: Literal["causal", "mma", "mma_bidir_image", "prefix_lm"] = "mma"
+  block_q: int = 128
+  block_kv: int = 128
+
+
+# ---------------------------------------------------------------------------------------------- mesh
+@dataclass
+class MeshConfig:
+  """Device mesh axis sizes; -1 = all remaining devices (at most one axis)."""
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+  dataset: str = "easy_vqa"
+  data_dir: str = ""
+  train_split: str = "train"
+  eval_split: str = "test"
+  template: Literal["phi3", "llama3", "qwen2", "vicuna_v1"] = "phi3"
+  tokenizer: str = "gpt2"                # a local HF tokenizer directory, or "gpt2" (bundled BPE)
+  max_length: int = 256
+  packing: bool = True
+  too_long: Literal["truncate", "drop"] = "truncate"
+  seed: int = 0
+  num_workers: int = 0
+
+
+# --------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = 8                    # global, in rows
+  grad_accum: int = 1
+  learning_rate: float = 1e-4
+  min_learning_rate: float = 1e-5
+  warmup_steps: int = 100
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0                    # 0 = only at the end
+  output_dir: str = "runs/default"
+
+
+@dataclass
+class CheckpointConfig:
+  every: int = 500
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclass
+class EvalConfig:
+  batch_size: int = 8
+  max_new_tokens: int = 32
+  limit: int = 0                         # 0 = the whole split
+
+
+@dataclass
+class Config:
+  model: ModelConfig = field(default_factory=ModelConfig)
+  attention: AttentionConfig = field(default_factory=AttentionConfig)
+  mesh: MeshConfig = field(default_factory=MeshConfig)
+  data: DataConfig = field(default_factory=DataConfig)
+  train: TrainConfig = field(default_factory=TrainConfig)
+  checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+  eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------- construction
+def _type_name(tp: Any) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+  """Checks `value` against the annotation `tp` (int -> float is the only widening)."""
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if dataclasses.is_dataclass(tp):
+    return _build(tp, value, key)
+  if origin is Literal:
+    if value not in args:
+      raise ConfigError(f"config key '{key}' = {value!r} is not allowed; "
+                        f"choose one of: {', '.join(map(str, args))}")
+    return value
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    (inner,) = [a for a in args if a is not type(None)]
+    return _coerce(value, inner, key)
+  if origin is list:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+    return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp in (int, float, str, bool) and type(value) is tp:
+    return value
+  raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, "
+                    f"got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+  if not isinstance(values, dict):
+    raise ConfigError(f"config key '{prefix}' must be a mapping of "
+                      f"{', '.join(f.name for f in dataclasses.fields(cls))}; got {values!r}")
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls)]
+  kwargs = {}
+  for name, value in values.items():
+    key = f"{prefix}.{name}" if prefix else name
+    if name not in names:
+      raise ConfigError(f"config key '{key}' is unknown; allowed keys"
+                        f"{f' in {prefix!r}' if prefix else ''}: {', '.join(names)}")
+    kwargs[name] = _coerce(value, hints[name], key)
+  return cls(**kwargs)
+
+
+def _merge(base: dict, top: dict) -> dict:
+  out = dict(base)
+  for k, v in top.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def _read_yaml(path: pathlib.Path) -> dict:
+  """Reads a YAML file and, recursively, the `base:` file it names (relative to it)."""
+  if not path.is_file():
+    raise ConfigError(f"config file '{path}' does not exist")
+  try:
+    raw = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+  if not isinstance(raw, dict):
+    raise ConfigError(f"config file '{path}' must hold a mapping at top level")
+  base = raw.pop("base", None)
+  return _merge(_read_yaml(path.parent / base), raw) if base else raw
+
+
+def _apply_override(tree: dict, override: str) -> None:
+  if "=" not in override:
+    raise ConfigError(f"override '{override}' must look like section.key=value")
+  key, text = override.split("=", 1)
+  try:
+    value = yaml.safe_load(text) if text else ""
+  except yaml.YAMLError:
+    value = text
+  *parents, leaf = key.strip().split(".")
+  node = tree
+  for p in parents:
+    node = node.setdefault(p, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f"override '{override}': '{p}' is not a section")
+  node[leaf] = value
+
+
+def from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Config:
+  tree = _merge({}, values)
+  for o in overrides:
+    _apply_override(tree, o)
+  config = _build(Config, tree, "")
+  validate(config)
+  return config
+
+
+def load_config(path: str | pathlib.Path, overrides: typing.Sequence[str] = ()) -> Config:
+  """Loads configs/X.yaml (with its `base:` chain) and applies `a.b=c` overrides."""
+  return from_dict(_read_yaml(pathlib.Path(path)), overrides)
+
+
+def to_dict(config: Any) -> dict:
+  return dataclasses.asdict(config)
+
+
+def to_yaml(config: Any) -> str:
+  return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------- validation
+def _check(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate_llm(llm: LLMConfig, prefix: str = "model.llm") -> None:
+  for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+               "num_kv_heads", "max_position_embeddings"):
+    _check(getattr(llm, name) > 0, f"{prefix}.{name}", "must be positive")
+  _check(llm.num_heads % llm.num_kv_heads == 0, f"{prefix}.num_kv_heads",
+         f"{llm.num_kv_heads} must divide num_heads={llm.num_heads}")
+  _check(llm.head_dim > 0 or llm.hidden_size % llm.num_heads == 0, f"{prefix}.head_dim",
+         f"is 0, so hidden_size={llm.hidden_size} must divide by num_heads={llm.num_heads}")
+  _check(llm.dim_per_head % 2 == 0, f"{prefix}.head_dim", "rotary embeddings need an even head dim")
+  rope, r = llm.rope, f"{prefix}.rope"
+  if rope.type in ("llama3", "longrope"):
+    _check(rope.original_max_position_embeddings > 0, f"{r}.original_max_position_embeddings",
+           f"must be positive for rope.type={rope.type}")
+  if rope.type == "longrope":
+    half = llm.dim_per_head // 2
+    for name in ("short_factor", "long_factor"):
+      _check(len(getattr(rope, name)) == half, f"{r}.{name}",
+             f"needs head_dim/2 = {half} values for rope.type=longrope, "
+             f"got {len(getattr(rope, name))}")
+
+
+def validate(config: Config) -> None:
+  validate_llm(config.model.llm)
+  a = config.attention
+  for name in ("block_q", "block_kv"):
+    size = getattr(a, name)
+    _check(size > 0 and size % 8 == 0, f"attention.{name}", f"{size} must be a positive multiple of 8")
+  sizes = {n: getattr(config.mesh, n) for n in ("data", "fsdp", "tensor")}
+  for n, s in sizes.items():
+    _check(s == -1 or s >= 1, f"mesh.{n}", f"{s} must be >= 1 or -1 (the remaining devices)")
+  _check(list(sizes.values()).count(-1) <= 1, "mesh",
+         "at most one of data, fsdp, tensor may be -1")
+  _check(config.data.max_length > 0, "data.max_length", "must be positive")
+  t = config.train
+  _check(t.batch_size > 0 and t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
+         "train.grad_accum", f"{t.grad_accum} must divide train.batch_size={t.batch_size}")
+  _check(t.min_learning_rate <= t.learning_rate, "train.min_learning_rate",
+         f"{t.min_learning_rate} exceeds train.learning_rate={t.learning_rate}")

@@ -1,0 +1,92 @@
+"""Building blocks shared by the LLM, the vision towers and the connectors.
+
+Every parameter carries logical axis names (DESIGN.md §5) as flax `out_sharding` metadata with eager
+sharding off: the names are mapped to mesh axes by the one rules table in sharding.py, never here.
+Kernels are stored [in, out] (HF stores [out, in]; convert/ transposes).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
+  """A parameter initialised by `init` with its logical axis names attached."""
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def axes_of(variable: nnx.Variable) -> Axes:
+  """The logical axis names of a parameter created by `param`."""
+  return tuple(variable.get_metadata().get("out_sharding") or ())
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias); kernel [in, out] with logical axes (in_axis, out_axis)."""
+
+  def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *,
+               use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+               init_std: float = 0.02, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.kernel = param(rngs, nnx.initializers.normal(init_std), (in_features, out_features),
+                        axes, param_dtype)
+    self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), (axes[1],), param_dtype)
+                 if use_bias else None)
+
+  def __call__(self, x):
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, statistics in f32 (as HF Llama/Qwen2/Phi3)."""
+
+  def __init__(self, dim: int, *, eps: float, axis: str = "embed", dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis,), param_dtype)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """Standard LayerNorm with scale and bias, statistics in f32."""
+
+  def __init__(self, dim: int, *, eps: float, axis: str = "embed", dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis,), param_dtype)
+    self.bias = param(rngs, nnx.initializers.zeros, (dim,), (axis,), param_dtype)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            ).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, E]; `attend` gives tied-head logits."""
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               init_std: float = 0.02, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = param(rngs, nnx.initializers.normal(init_std), (vocab_size, dim),
+                           ("vocab", "embed"), param_dtype)
+
+  def __call__(self, tokens):
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
