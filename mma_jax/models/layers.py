@@ -90,3 +90,35 @@ class Embed(nnx.Module):
 
   def attend(self, x):
     return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs):
+  """`num_layers` independent layers built by make_layer(rngs), their parameters stacked on a
+  leading `layers` axis: one layout serves both the scanned and the unrolled forward."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def build(layer_rngs):
+    return make_layer(layer_rngs)
+
+  return build(rngs)
+
+
+def apply_stacked(layers: nnx.Module, x, step, *, num_layers: int, scan: bool):
+  """x <- step(layer_i, x) for the first `num_layers` stacked layers.
+
+  scan=True runs one lax.scan over the stacked parameters (compile time independent of depth);
+  scan=False unrolls a Python loop over slices of the same parameters (identical results).
+  """
+  graphdef, state = nnx.split(layers)
+  state = jax.tree.map(lambda a: a[:num_layers], state)
+
+  def body(carry, layer_state):
+    return step(nnx.merge(graphdef, layer_state), carry), None
+
+  if scan:
+    x, _ = jax.lax.scan(body, x, state)
+  else:
+    for i in range(num_layers):
+      x, _ = body(x, jax.tree.map(lambda a: a[i], state))
+  return x
