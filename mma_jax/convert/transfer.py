@@ -1,0 +1,103 @@
+"""Moving tensors between an HF checkpoint and our parameters, driven by key-map entries.
+
+Import fills preallocated numpy arrays tensor by tensor in shard order (one HF tensor in flight);
+export yields HF tensors one by one for the streaming writer. Every mismatch stops with a message
+naming the key: a missing key, an unexpected key, or a shape mismatch with both shapes.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from mma_jax.convert.keymap import Entry
+from mma_jax.convert.safetensors_io import CheckpointError, HFCheckpoint
+
+
+def param_shapes(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """'a.b.c' -> (shape, dtype) of every parameter; works on nnx.eval_shape'd (abstract) models."""
+  return {".".join(map(str, path)): (tuple(v.get_value().shape), np.dtype(v.get_value().dtype))
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _expected_hf_shape(entry: Entry, our_shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+  # Run the export hook on zero-strided stand-ins: no memory, exact shape arithmetic.
+  stand_ins = tuple(np.broadcast_to(np.zeros((), np.float32), s) for s in our_shapes)
+  return tuple(entry.hook.to_hf(stand_ins).shape)
+
+
+def _slot_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+  return np.broadcast_to(np.zeros((), np.int8), shape)[index].shape
+
+
+def check_keys(entries: Sequence[Entry], ckpt: HFCheckpoint, ignore: Sequence[str] = ()) -> None:
+  wanted = {e.hf for e in entries}
+  missing = sorted(k for k in wanted if k not in ckpt)
+  if missing:
+    raise CheckpointError(f"checkpoint '{ckpt.dir}' is missing key '{missing[0]}'"
+                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+  unexpected = sorted(k for k in ckpt.keys() if k not in wanted
+                      and not any(fnmatch.fnmatchcase(k, pat) for pat in ignore))
+  if unexpected:
+    raise CheckpointError(f"checkpoint '{ckpt.dir}' has unexpected key '{unexpected[0]}'"
+                          f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}"
+                          " that this format does not map; is --format right?")
+
+
+def import_params(entries: Sequence[Entry], ckpt: HFCheckpoint,
+                  targets: Mapping[str, tuple[tuple[int, ...], np.dtype]], *,
+                  ignore: Sequence[str] = (), dtype=None, progress: bool = True
+                  ) -> dict[str, np.ndarray]:
+  """HF tensors -> {our path: numpy array} shaped as `targets` (cast to `dtype` if given)."""
+  check_keys(entries, ckpt, ignore)
+  mapped = {p for e in entries for p, _ in e.slots}
+  unmapped = sorted(set(targets) - mapped)
+  if unmapped:
+    raise CheckpointError(f"no checkpoint key maps to our parameter '{unmapped[0]}'")
+  out = {p: np.empty(shape, dtype or dt) for p, (shape, dt) in targets.items()}
+  by_key = {e.hf: e for e in entries}
+  order = [k for k in ckpt.keys() if k in by_key]
+  for key in tqdm(order, desc="import", unit="tensor", disable=not progress, leave=False):
+    entry = by_key[key]
+    slot_shapes = [_slot_shape(out[p].shape, index) for p, index in entry.slots]
+    expected = _expected_hf_shape(entry, slot_shapes)
+    found = ckpt.shape(key)
+    if found != expected:
+      raise CheckpointError(f"shape mismatch for '{key}': checkpoint has {found}, "
+                            f"our model expects {expected} (for {entry.slots[0][0]})")
+    for (path, index), array in zip(entry.slots, entry.hook.to_ours(ckpt.read(key))):
+      out[path][index] = array
+  return out
+
+
+def export_params(entries: Sequence[Entry], params: Mapping[str, np.ndarray], *, dtype=None
+                  ) -> Iterator[tuple[str, np.ndarray]]:
+  """{our path: array} -> (HF key, numpy array) pairs, one tensor at a time."""
+  for entry in entries:
+    parts = tuple(np.asarray(params[p])[index] for p, index in entry.slots)
+    array = entry.hook.to_hf(parts)
+    yield entry.hf, (array.astype(dtype) if dtype is not None else array)
+
+
+def assign(model: nnx.Module, params: Mapping[str, np.ndarray]) -> None:
+  """Writes {path: array} into the model's parameters (paths as in `param_shapes`)."""
+  state = nnx.state(model, nnx.Param)
+  flat = []
+  for path, variable in nnx.to_flat_state(state):
+    key = ".".join(map(str, path))
+    if key not in params:
+      raise CheckpointError(f"no value for our parameter '{key}'")
+    value = params[key]
+    if tuple(value.shape) != tuple(variable[...].shape):
+      raise CheckpointError(f"shape mismatch for '{key}': got {tuple(value.shape)}, "
+                            f"model expects {tuple(variable[...].shape)}")
+    flat.append((path, jax.numpy.asarray(value, dtype=variable[...].dtype)))
+  for path, value in flat:
+    node = model
+    for name in path[:-1]:
+      node = getattr(node, name) if not isinstance(name, int) else node[name]
+    getattr(node, path[-1])[...] = value

@@ -1,0 +1,154 @@
+"""Decoder-only LLMs: llama (1/2/3/3.x), qwen2 (qkv bias), phi3 (Phi-3/3.5, longrope).
+
+The three families share one architecture: pre-norm RMSNorm blocks, GQA attention with rotary
+embeddings (HF's rotate_half layout, so HF weights load without permutation), SwiGLU MLP. They
+differ only in config (qkv bias, tied embeddings, rope scaling); Phi-3's fused projections are
+split at conversion time. Attention sees the batch contract's mask vectors through `attend`.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mma_jax.attention import attend
+from mma_jax.config import LLMConfig, RopeConfig
+from mma_jax.models.layers import DTYPES, Embed, Linear, RMSNorm, apply_stacked, stack_layers
+
+
+# ---------------------------------------------------------------------------------------- rotary
+def inverse_frequencies(rope: RopeConfig, head_dim: int, max_positions: int
+                        ) -> tuple[np.ndarray, np.ndarray | None, float]:
+  """(inv_freq, long inv_freq or None, cos/sin scale) as HF computes them, in numpy (static)."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / head_dim
+  base = rope.theta ** exponents
+  inv = (1.0 / base).astype(np.float32)
+  if rope.type == "linear":
+    return inv / rope.factor, None, 1.0
+  if rope.type == "llama3":
+    old = rope.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
+    scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+    smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32), None, 1.0
+  if rope.type == "longrope":
+    original = rope.original_max_position_embeddings
+    factor = max_positions / original
+    scale = rope.attention_factor
+    if scale is None:
+      scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    short = (1.0 / (np.asarray(rope.short_factor, np.float32) * base)).astype(np.float32)
+    long = (1.0 / (np.asarray(rope.long_factor, np.float32) * base)).astype(np.float32)
+    return short, long, float(scale)
+  return inv, None, 1.0
+
+
+def rotary_tables(cfg: LLMConfig, positions):
+  """positions [B, L] -> (cos, sin) [B, L, D] in f32.
+
+  longrope switches to the long factors when the batch reaches past the original context
+  (HF decides from max(position) + 1, per batch; so do we)."""
+  inv, long_inv, scale = inverse_frequencies(cfg.rope, cfg.dim_per_head, cfg.max_position_embeddings)
+  pos = positions.astype(jnp.float32)[..., None]
+  freqs = pos * jnp.asarray(inv)
+  if long_inv is not None:
+    use_long = jnp.max(positions) + 1 > cfg.rope.original_max_position_embeddings
+    freqs = jnp.where(use_long, pos * jnp.asarray(long_inv), freqs)
+  angles = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rotary(x, cos, sin):
+  """x [B, L, N, D]; HF rotate_half convention (first half pairs with second half)."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------- blocks
+class Attention(nnx.Module):
+  def __init__(self, cfg: LLMConfig, *, impl: str, dtype, param_dtype, rngs: nnx.Rngs):
+    e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_heads, self.num_kv_heads, self.head_dim, self.impl = h, k, d, impl
+    self.q = Linear(e, h * d, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+    self.k = Linear(e, k * d, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+    self.v = Linear(e, k * d, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+    self.o = Linear(h * d, e, ("heads", "embed"), **kw)
+
+  def __call__(self, x, cos, sin, segment_ids, window_lo, window_hi):
+    b, length, _ = x.shape
+    q = self.q(x).reshape(b, length, self.num_heads, self.head_dim)
+    k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+    v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    out = attend(q, k, v, segment_ids, window_lo, window_hi, impl=self.impl,
+                 scale=self.head_dim ** -0.5)
+    return self.o(out.reshape(b, length, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    e, f = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate = Linear(e, f, ("embed", "mlp"), **kw)
+    self.up = Linear(e, f, ("embed", "mlp"), **kw)
+    self.down = Linear(f, e, ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: LLMConfig, *, impl: str, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+    self.attn = Attention(cfg, impl=impl, **kw)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+    self.mlp = MLP(cfg, **kw)
+
+  def __call__(self, x, cos, sin, segment_ids, window_lo, window_hi):
+    x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids, window_lo, window_hi)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderLLM(nnx.Module):
+  """tokens or input embeddings + the mask vectors -> f32 logits [B, L, V]."""
+
+  def __init__(self, cfg: LLMConfig, *, impl: str = "auto", dtype: str = "float32",
+               param_dtype: str = "float32", scan_layers: bool = False, rngs: nnx.Rngs):
+    self.cfg, self.scan_layers = cfg, scan_layers
+    kw = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
+    self.embed = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
+    self.layers = stack_layers(lambda r: DecoderLayer(cfg, impl=impl, rngs=r, **kw),
+                               cfg.num_layers, rngs)
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, **kw))
+
+  def embed_tokens(self, tokens):
+    return self.embed(tokens)
+
+  def __call__(self, *, positions, segment_ids, window_lo, window_hi, tokens=None,
+               embeddings=None):
+    if (tokens is None) == (embeddings is None):
+      raise ValueError("pass exactly one of tokens or embeddings")
+    x = self.embed_tokens(tokens) if embeddings is None else embeddings.astype(self.embed.dtype)
+    cos, sin = rotary_tables(self.cfg, positions)
+
+    def step(layer, h):
+      return layer(h, cos, sin, segment_ids, window_lo, window_hi)
+
+    x = apply_stacked(self.layers, x, step, num_layers=self.cfg.num_layers, scan=self.scan_layers)
+    x = self.norm(x)
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    return logits.astype(jnp.float32)
