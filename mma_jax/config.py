@@ -52,6 +52,7 @@ class LLMConfig:
   rope: RopeConfig = field(default_factory=RopeConfig)
   qkv_bias: bool = False                 # qwen2: True
   tie_word_embeddings: bool = False
+  sliding_window: int = 0                # 0 = none; longer sequences are refused, not windowed
 
   @property
   def dim_per_head(self) -> int:
@@ -59,8 +60,69 @@ class LLMConfig:
 
 
 @dataclass
+class VisionConfig:
+  """A ViT image tower. Families: siglip (no CLS, patch bias, no pre-norm) and clip (CLS token,
+  pre-norm, patch conv without bias). Defaults: SigLIP so400m-patch14-384, AKI's tower.
+
+  Which features leave the tower is config: the hidden state after `feature_layer` layers in HF's
+  `hidden_states` indexing (0 = embeddings, k = after k layers, -1 = last, -2 = second to last),
+  optionally through post_layernorm, optionally without the first token (CLS for clip; LLaVA's
+  "default" strategy drops it). AKI: -1 with post_norm; LLaVA-1.5: -2, drop_cls, no post_norm.
+  """
+  family: Literal["siglip", "clip"] = "siglip"
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_layers: int = 27
+  num_heads: int = 16
+  image_size: int = 384
+  patch_size: int = 14
+  num_channels: int = 3
+  layer_norm_eps: float = 1e-6
+  hidden_act: Literal["gelu_pytorch_tanh", "quick_gelu", "gelu"] = "gelu_pytorch_tanh"
+  feature_layer: int = -1
+  post_norm: bool = True
+  drop_cls: bool = False
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_positions(self) -> int:
+    return self.num_patches + (self.family == "clip")
+
+  @property
+  def layers_to_run(self) -> int:
+    """How many encoder layers produce the selected features (`feature_layer` made absolute)."""
+    return self.feature_layer if self.feature_layer >= 0 else self.num_layers + 1 + self.feature_layer
+
+  @property
+  def num_features(self) -> int:
+    """Feature rows per image leaving the tower."""
+    return self.num_positions - self.drop_cls
+
+
+@dataclass
+class ConnectorConfig:
+  """Vision features -> LLM embeddings. `perceiver`: AKI's resampler (num_latents rows per image,
+  official sizes: depth 6, 8 heads x 64, ff_mult 4, torch LayerNorm eps 1e-5). `mlp`: LLaVA's
+  linear -> act -> linear projector (one row per vision feature)."""
+  type: Literal["perceiver", "mlp"] = "perceiver"
+  num_latents: int = 144
+  depth: int = 6
+  num_heads: int = 8
+  head_dim: int = 64
+  ff_mult: int = 4
+  layer_norm_eps: float = 1e-5
+  mlp_act: Literal["gelu", "gelu_pytorch_tanh", "quick_gelu"] = "gelu"
+  mlp_bias: bool = True
+
+
+@dataclass
 class ModelConfig:
   llm: LLMConfig = field(default_factory=LLMConfig)
+  vision: VisionConfig = field(default_factory=VisionConfig)
+  connector: ConnectorConfig = field(default_factory=ConnectorConfig)
   dtype: Literal["float32", "bfloat16"] = "float32"        # compute dtype
   param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
   scan_layers: bool = False              # lax.scan over the stacked decoder layers
@@ -281,8 +343,31 @@ def validate_llm(llm: LLMConfig, prefix: str = "model.llm") -> None:
              f"got {len(getattr(rope, name))}")
 
 
+def validate_vision(vision: VisionConfig, prefix: str = "model.vision") -> None:
+  for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size",
+               "patch_size", "num_channels"):
+    _check(getattr(vision, name) > 0, f"{prefix}.{name}", "must be positive")
+  _check(vision.hidden_size % vision.num_heads == 0, f"{prefix}.num_heads",
+         f"{vision.num_heads} must divide hidden_size={vision.hidden_size}")
+  _check(vision.image_size % vision.patch_size == 0, f"{prefix}.patch_size",
+         f"{vision.patch_size} must divide image_size={vision.image_size}")
+  n = vision.num_layers
+  _check(-n - 1 <= vision.feature_layer <= n, f"{prefix}.feature_layer",
+         f"{vision.feature_layer} must lie in [{-n - 1}, {n}] for num_layers={n}")
+
+
+def validate_connector(connector: ConnectorConfig, prefix: str = "model.connector") -> None:
+  names = (("num_latents", "depth", "num_heads", "head_dim", "ff_mult")
+           if connector.type == "perceiver" else ())
+  for name in names:
+    _check(getattr(connector, name) > 0, f"{prefix}.{name}", "must be positive")
+  _check(connector.layer_norm_eps > 0, f"{prefix}.layer_norm_eps", "must be positive")
+
+
 def validate(config: Config) -> None:
   validate_llm(config.model.llm)
+  validate_vision(config.model.vision)
+  validate_connector(config.model.connector)
   a = config.attention
   for name in ("block_q", "block_kv"):
     size = getattr(a, name)

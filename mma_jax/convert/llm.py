@@ -37,6 +37,13 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
       attention_factor=params.get("attention_factor"))
 
 
+def _sliding_window(hf: dict) -> int:
+  window = hf.get("sliding_window") or 0
+  if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
+    window = 0
+  return 0 if window >= hf.get("max_position_embeddings", 0) else int(window)
+
+
 def llm_config_from_hf(hf: dict) -> LLMConfig:
   """An HF config.json (as a dict) -> LLMConfig; unsupported features fail with their key."""
   family = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi3": "phi3"}.get(
@@ -55,7 +62,8 @@ def llm_config_from_hf(hf: dict) -> LLMConfig:
       num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
       head_dim=hf.get("head_dim") or 0, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       max_position_embeddings=hf.get("max_position_embeddings", 4096), rope=_rope_from_hf(hf),
-      qkv_bias=family == "qwen2", tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+      qkv_bias=family == "qwen2", tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      sliding_window=_sliding_window(hf))
   if cfg.head_dim == cfg.hidden_size // cfg.num_heads:
     cfg.head_dim = 0
   validate_llm(cfg, prefix="config.json")
@@ -85,6 +93,9 @@ def llm_config_to_hf(cfg: LLMConfig) -> dict:
       "tie_word_embeddings": cfg.tie_word_embeddings, "rope_parameters": params,
       "torch_dtype": "float32",
   }
+  if cfg.sliding_window:
+    hf["sliding_window"] = cfg.sliding_window
+    hf["use_sliding_window"] = True
   if cfg.family == "phi3" and rope.type == "longrope":
     hf["original_max_position_embeddings"] = rope.original_max_position_embeddings
   return hf

@@ -83,21 +83,41 @@ def export_params(entries: Sequence[Entry], params: Mapping[str, np.ndarray], *,
     yield entry.hf, (array.astype(dtype) if dtype is not None else array)
 
 
-def assign(model: nnx.Module, params: Mapping[str, np.ndarray]) -> None:
-  """Writes {path: array} into the model's parameters (paths as in `param_shapes`)."""
-  state = nnx.state(model, nnx.Param)
-  flat = []
-  for path, variable in nnx.to_flat_state(state):
-    key = ".".join(map(str, path))
-    if key not in params:
-      raise CheckpointError(f"no value for our parameter '{key}'")
-    value = params[key]
-    if tuple(value.shape) != tuple(variable[...].shape):
-      raise CheckpointError(f"shape mismatch for '{key}': got {tuple(value.shape)}, "
-                            f"model expects {tuple(variable[...].shape)}")
-    flat.append((path, jax.numpy.asarray(value, dtype=variable[...].dtype)))
-  for path, value in flat:
-    node = model
-    for name in path[:-1]:
-      node = getattr(node, name) if not isinstance(name, int) else node[name]
-    getattr(node, path[-1])[...] = value
+def nest(flat: Mapping[str, object]) -> dict:
+  """{'a.b.c': x} -> {'a': {'b': {'c': x}}}: the pure-dict form orbax and nnx take."""
+  tree: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split(".")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict:
+  """The inverse of `nest`."""
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    out.update(flatten(value, path + ".") if isinstance(value, Mapping) else {path: value})
+  return out
+
+
+def build_with_params(build, params: Mapping[str, np.ndarray]) -> nnx.Module:
+  """The module `build()` would make, with `params` as its weights and no random init spent."""
+  abstract = nnx.eval_shape(build)
+  shapes = param_shapes(abstract)
+  for path, (shape, _) in shapes.items():
+    if path not in params:
+      raise CheckpointError(f"no value for our parameter '{path}'")
+    if tuple(params[path].shape) != shape:
+      raise CheckpointError(f"shape mismatch for '{path}': checkpoint has "
+                            f"{tuple(params[path].shape)}, model expects {shape}")
+  extra = sorted(set(params) - set(shapes))
+  if extra:
+    raise CheckpointError(f"checkpoint has parameter '{extra[0]}' that the model does not")
+  graphdef, state = nnx.split(abstract)
+  values = {p: jax.numpy.asarray(params[p], dtype=dt) for p, (_, dt) in shapes.items()}
+  nnx.replace_by_pure_dict(state, nest(values))
+  return nnx.merge(graphdef, state)

@@ -143,6 +143,10 @@ class DecoderLLM(nnx.Module):
     if (tokens is None) == (embeddings is None):
       raise ValueError("pass exactly one of tokens or embeddings")
     x = self.embed_tokens(tokens) if embeddings is None else embeddings.astype(self.embed.dtype)
+    window = self.cfg.sliding_window
+    if window and x.shape[1] > window:
+      # Exact for sequences inside the window; windowed attention itself is not implemented.
+      raise ValueError(f"sequence length {x.shape[1]} exceeds the model's sliding_window={window}")
     cos, sin = rotary_tables(self.cfg, positions)
 
     def step(layer, h):

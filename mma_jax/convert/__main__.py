@@ -1,0 +1,69 @@
+"""python -m mma_jax.convert {import,export,verify} --format FMT ...
+
+  import  --src HF_DIR --dst CKPT_DIR [--dtype bf16|f32] [--allow-pickle]
+  export  --src CKPT_DIR --dst HF_DIR [--dtype bf16|f32]
+  verify  --src HF_DIR [--seq-len N] [--batch B] [--tol T]   (last line: max_abs_logit_diff=<float>)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+  from mma_jax.convert.formats import FORMATS
+
+  parser = argparse.ArgumentParser(prog="python -m mma_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name in ("import", "export", "verify"):
+    p = sub.add_parser(name)
+    p.add_argument("--format", required=True, choices=sorted(FORMATS))
+    p.add_argument("--src", required=True)
+    if name != "verify":
+      p.add_argument("--dst", required=True)
+      p.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
+    if name != "export":
+      p.add_argument("--allow-pickle", action="store_true",
+                     help="load *.bin pickles (torch.load with weights_only=True)")
+    if name == "verify":
+      p.add_argument("--seq-len", type=int, default=32)
+      p.add_argument("--batch", type=int, default=2)
+      p.add_argument("--seed", type=int, default=0)
+      p.add_argument("--tol", type=float, default=1e-4)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  import jax
+
+  jax.config.update("jax_default_matmul_precision", "highest")
+  from mma_jax.config import ConfigError
+  from mma_jax.convert import formats
+  from mma_jax.convert.safetensors_io import CheckpointError
+
+  try:
+    fmt = formats.get_format(args.format)
+    if args.command == "import":
+      out = formats.import_checkpoint(fmt, args.src, args.dst, dtype=args.dtype,
+                                      allow_pickle=args.allow_pickle)
+      print(f"wrote {out}")
+    elif args.command == "export":
+      print(f"wrote {formats.export_checkpoint(fmt, args.src, args.dst, dtype=args.dtype)}")
+    else:
+      diff = formats.verify(fmt, args.src, seq_len=args.seq_len, batch=args.batch,
+                            seed=args.seed, allow_pickle=args.allow_pickle)
+      print(f"tolerance={args.tol:g} {'ok' if diff <= args.tol else 'EXCEEDED'}")
+      print(f"max_abs_logit_diff={diff:.6g}")
+      return 0 if diff <= args.tol else 1
+  except (CheckpointError, ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
