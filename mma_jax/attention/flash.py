@@ -1,0 +1,400 @@
+"""Pallas TPU flash attention for the per-token mask vectors (DESIGN.md §3).
+
+    allowed(i, j) = seg[i] == seg[j] and (j <= i or lo[i] <= j < hi[i])
+
+Three kernels under one custom_vjp: forward (grid batch, heads, q blocks, kv steps), dq (same
+grid) and dkv (grid batch, kv heads, kv blocks, heads of the group, q steps, so a kv block sums
+its gradient over every query head that reads it). Which blocks a step fetches comes from the
+block schedules of mask.py, passed by scalar prefetch into the index maps; steps past a row's
+count repeat the last block (no new DMA) and skip compute. Mask tiles are computed in-kernel:
+q-side vectors arrive as (bq, 128) lane-broadcast blocks, kv segment ids as (8, bkv)
+sublane-broadcast blocks, and per-row statistics (m, l, lse, di) live in lane-replicated
+(bq, 128) tiles. The softmax scale is applied to q before the kernels; accumulation is f32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
+
+from mma_jax.attention.mask import allowed, backward_schedule, forward_schedule
+
+LANES, SUBLANES = 128, 8
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASK - m) underflows to 0
+PAD_SEGMENT = int(jnp.iinfo(jnp.int32).min)  # segment id of internal padding: matches nothing real
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static kernel parameters (hashable: a custom_vjp non-differentiable argument)."""
+  block_q: int
+  block_kv: int
+  group: int  # query heads per kv head
+  interpret: bool
+
+
+# --- in-kernel helpers ---------------------------------------------------------------------
+
+def _lanes(tile, width):
+  """A lane-replicated (rows, 128) tile -> (rows, width) with the same value in every column."""
+  if width <= LANES:
+    return tile if width == LANES else tile[:, :width]
+  tile = jnp.tile(tile, (1, pl.cdiv(width, LANES)))
+  return tile if width % LANES == 0 else tile[:, :width]
+
+
+def _step_block(schedule_ref, row, step):
+  """The block a grid step visits for schedule row `row`, and whether the step does work."""
+  base = row * 4
+  start1, count1 = schedule_ref[base], schedule_ref[base + 1]
+  start2, count = schedule_ref[base + 2], schedule_ref[base + 3]
+  clamped = jnp.minimum(step, jnp.maximum(count - 1, 0))  # trailing steps repeat the last block
+  block = jnp.where(clamped < count1, start1 + clamped, start2 + clamped - count1)
+  return block, step < count
+
+
+def _kv_head(h, group):
+  # lax.div: `//` on int32 lowers through sign() in Mosaic; ids are non-negative.
+  return h if group == 1 else jax.lax.div(h, jnp.int32(group))
+
+
+def _mask_tile(q_seg_ref, q_lo_ref, q_hi_ref, kv_seg_ref, q_block, kv_block, bq, bkv):
+  """bool (bq, bkv): allowed() for the tile at (q_block, kv_block)."""
+  q_pos = q_block * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
+  k_pos = kv_block * bkv + jax.lax.broadcasted_iota(jnp.int32, (bq, bkv), 1)
+  return allowed(q_pos, k_pos, _lanes(q_seg_ref[...], bkv), kv_seg_ref[:1, :],
+                 _lanes(q_lo_ref[...], bkv), _lanes(q_hi_ref[...], bkv))
+
+
+def _probs(q, k, lse, keep, bkv):
+  """Softmax probabilities of a tile from the saved log-sum-exp; masked entries are exactly 0."""
+  s = jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32)
+  return jnp.where(keep, jnp.exp(s - _lanes(lse, bkv)), 0.0)
+
+
+# --- kernels ---------------------------------------------------------------------------------
+
+def _fwd_kernel(schedule_ref, q_ref, k_ref, v_ref, q_seg_ref, q_lo_ref, q_hi_ref, kv_seg_ref,
+                o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, bq, bkv, n_q, steps):
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  kv_block, active = _step_block(schedule_ref, b * n_q + i, j)
+  head_dim = acc_scratch.shape[-1]
+
+  @pl.when(j == 0)
+  def _init():
+    m_scratch[...] = jnp.full_like(m_scratch, MASK_VALUE)
+    l_scratch[...] = jnp.zeros_like(l_scratch)
+    acc_scratch[...] = jnp.zeros_like(acc_scratch)
+
+  @pl.when(active)
+  def _accumulate():
+    keep = _mask_tile(q_seg_ref, q_lo_ref, q_hi_ref, kv_seg_ref, i, kv_block, bq, bkv)
+    s = jax.lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=jnp.float32)
+    s = jnp.where(keep, s, MASK_VALUE)
+    m_prev = m_scratch[...]
+    m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))  # (bq, 128)
+    p = jnp.where(keep, jnp.exp(s - _lanes(m_next, bkv)), 0.0)  # a masked key never counts
+    alpha = jnp.exp(m_prev - m_next)
+    l_scratch[...] = alpha * l_scratch[...] + p.sum(axis=1, keepdims=True)
+    pv = jnp.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
+    acc_scratch[...] = _lanes(alpha, head_dim) * acc_scratch[...] + pv
+    m_scratch[...] = m_next
+
+  @pl.when(j == steps - 1)
+  def _finish():
+    l = l_scratch[...]
+    l = jnp.where(l == 0.0, 1.0, l)  # a row with no allowed key (none exists by our rule) -> 0
+    o_ref[...] = (acc_scratch[...] * _lanes(1.0 / l, head_dim)).astype(o_ref.dtype)
+    lse_ref[...] = m_scratch[...] + jnp.log(l)
+
+
+def _dq_kernel(schedule_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, q_lo_ref,
+               q_hi_ref, kv_seg_ref, dq_ref, acc_scratch, *, bq, bkv, n_q, steps):
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  kv_block, active = _step_block(schedule_ref, b * n_q + i, j)
+
+  @pl.when(j == 0)
+  def _init():
+    acc_scratch[...] = jnp.zeros_like(acc_scratch)
+
+  @pl.when(active)
+  def _accumulate():
+    keep = _mask_tile(q_seg_ref, q_lo_ref, q_hi_ref, kv_seg_ref, i, kv_block, bq, bkv)
+    p = _probs(q_ref[...], k_ref[...], lse_ref[...], keep, bkv)
+    dp = jax.lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - _lanes(di_ref[...], bkv))
+    acc_scratch[...] += jnp.dot(ds.astype(k_ref.dtype), k_ref[...],
+                                preferred_element_type=jnp.float32)
+
+  @pl.when(j == steps - 1)
+  def _finish():
+    dq_ref[...] = acc_scratch[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(schedule_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg_ref, q_lo_ref,
+                q_hi_ref, kv_seg_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, bq, bkv, n_kv,
+                group, steps):
+  b, kj, g, t = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  q_block, active = _step_block(schedule_ref, b * n_kv + kj, t)
+
+  @pl.when((g == 0) & (t == 0))  # first query head of the group, first step
+  def _init():
+    dk_scratch[...] = jnp.zeros_like(dk_scratch)
+    dv_scratch[...] = jnp.zeros_like(dv_scratch)
+
+  @pl.when(active)
+  def _accumulate():
+    q, do = q_ref[...], do_ref[...]
+    keep = _mask_tile(q_seg_ref, q_lo_ref, q_hi_ref, kv_seg_ref, q_block, kj, bq, bkv)
+    p = _probs(q, k_ref[...], lse_ref[...], keep, bkv)
+    dv_scratch[...] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = jax.lax.dot_general(do, v_ref[...], NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - _lanes(di_ref[...], bkv))
+    dk_scratch[...] += jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+
+  @pl.when((g == group - 1) & (t == steps - 1))
+  def _finish():
+    dk_ref[...] = dk_scratch[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
+
+
+# --- pallas_call wrappers (arrays in kernel layout: q/k/v [B, heads, Lp, D]) ------------------
+
+def _mask_operands(segment_ids, window_lo, window_hi):
+  """q-side vectors as [B, Lp, 128] (lane-broadcast), kv segment ids as [B, 8, Lp]."""
+  batch, length = segment_ids.shape
+  lanes = lambda x: jax.lax.broadcast_in_dim(x, (batch, length, LANES), (0, 1))
+  kv_seg = jax.lax.broadcast_in_dim(segment_ids, (batch, SUBLANES, length), (0, 2))
+  return lanes(segment_ids), lanes(window_lo), lanes(window_hi), kv_seg
+
+
+def _compiler_params(n_parallel, n_arbitrary):
+  return pltpu.CompilerParams(
+      dimension_semantics=("parallel",) * n_parallel + ("arbitrary",) * n_arbitrary)
+
+
+def _forward(q, k, v, vectors, fwd_schedule, cfg):
+  batch, heads, length, head_dim = q.shape
+  bq, bkv, group = cfg.block_q, cfg.block_kv, cfg.group
+  n_q, n_kv = length // bq, length // bkv
+
+  def kv_block(b, i, j, sched):
+    return _step_block(sched, b * n_q + i, j)[0]
+
+  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j, s: (b, h, i, 0))
+  kv_spec = pl.BlockSpec((None, None, bkv, head_dim),
+                         lambda b, h, i, j, s: (b, _kv_head(h, group), kv_block(b, i, j, s), 0))
+  q_vec_spec = pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, s: (b, i, 0))
+  kv_vec_spec = pl.BlockSpec((None, SUBLANES, bkv),
+                             lambda b, h, i, j, s: (b, 0, kv_block(b, i, j, s)))
+  row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, s: (b, h, i, 0))
+  kernel = functools.partial(_fwd_kernel, bq=bq, bkv=bkv, n_q=n_q, steps=n_kv)
+  out, lse = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(batch, heads, n_q, n_kv),
+          in_specs=[q_spec, kv_spec, kv_spec, q_vec_spec, q_vec_spec, q_vec_spec, kv_vec_spec],
+          out_specs=[q_spec, row_spec],
+          scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
+                          pltpu.VMEM((bq, LANES), jnp.float32),
+                          pltpu.VMEM((bq, head_dim), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, length, LANES), jnp.float32)],
+      compiler_params=_compiler_params(3, 1),
+      interpret=cfg.interpret,
+      name="mma_flash_fwd",
+  )(fwd_schedule.reshape(-1), q, k, v, *vectors)
+  return out, lse[..., 0]
+
+
+def _backward(q, k, v, vectors, fwd_schedule, bwd_schedule, out, lse, d_out, cfg):
+  batch, heads, length, head_dim = q.shape
+  kv_heads = k.shape[1]
+  bq, bkv, group = cfg.block_q, cfg.block_kv, cfg.group
+  n_q, n_kv = length // bq, length // bkv
+  # Row statistics as lane-replicated [B, H, Lp, 128] f32 (the saved residual is [B, H, Lp]).
+  di = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
+  row_shape = (batch, heads, length, LANES)
+  lse, di = (jax.lax.broadcast_in_dim(x, row_shape, (0, 1, 2)) for x in (lse, di))
+
+  # dq: the forward grid and schedule.
+  def kv_block(b, i, j, sched):
+    return _step_block(sched, b * n_q + i, j)[0]
+
+  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j, s: (b, h, i, 0))
+  kv_spec = pl.BlockSpec((None, None, bkv, head_dim),
+                         lambda b, h, i, j, s: (b, _kv_head(h, group), kv_block(b, i, j, s), 0))
+  row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, s: (b, h, i, 0))
+  q_vec_spec = pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, s: (b, i, 0))
+  kv_vec_spec = pl.BlockSpec((None, SUBLANES, bkv),
+                             lambda b, h, i, j, s: (b, 0, kv_block(b, i, j, s)))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, bq=bq, bkv=bkv, n_q=n_q, steps=n_kv),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(batch, heads, n_q, n_kv),
+          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                    q_vec_spec, q_vec_spec, q_vec_spec, kv_vec_spec],
+          out_specs=q_spec,
+          scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(3, 1),
+      interpret=cfg.interpret,
+      name="mma_flash_dq",
+  )(fwd_schedule.reshape(-1), q, k, v, d_out, lse, di, *vectors)
+
+  # dkv: grid (B, K, kv blocks, group heads, q steps); the transposed schedule picks q blocks.
+  def q_block(b, kj, t, sched):
+    return _step_block(sched, b * n_kv + kj, t)[0]
+
+  def q_head(kh, g):
+    return kh * group + g
+
+  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, kh, kj, g, t, s: (
+      b, q_head(kh, g), q_block(b, kj, t, s), 0))
+  row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, kh, kj, g, t, s: (
+      b, q_head(kh, g), q_block(b, kj, t, s), 0))
+  kv_spec = pl.BlockSpec((None, None, bkv, head_dim), lambda b, kh, kj, g, t, s: (b, kh, kj, 0))
+  q_vec_spec = pl.BlockSpec((None, bq, LANES),
+                            lambda b, kh, kj, g, t, s: (b, q_block(b, kj, t, s), 0))
+  kv_vec_spec = pl.BlockSpec((None, SUBLANES, bkv), lambda b, kh, kj, g, t, s: (b, 0, kj))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, bq=bq, bkv=bkv, n_kv=n_kv, group=group, steps=n_q),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(batch, kv_heads, n_kv, group, n_q),
+          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                    q_vec_spec, q_vec_spec, q_vec_spec, kv_vec_spec],
+          out_specs=[kv_spec, kv_spec],
+          scratch_shapes=[pltpu.VMEM((bkv, head_dim), jnp.float32),
+                          pltpu.VMEM((bkv, head_dim), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_compiler_params(3, 2),
+      interpret=cfg.interpret,
+      name="mma_flash_dkv",
+  )(bwd_schedule.reshape(-1), q, k, v, d_out, lse, di, *vectors)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, vectors, fwd_schedule, bwd_schedule, cfg):
+  return _forward(q, k, v, vectors, fwd_schedule, cfg)[0]
+
+
+def _flash_fwd(q, k, v, vectors, fwd_schedule, bwd_schedule, cfg):
+  out, lse = _forward(q, k, v, vectors, fwd_schedule, cfg)
+  return out, (q, k, v, vectors, fwd_schedule, bwd_schedule, out, lse)
+
+
+def _flash_bwd(cfg, residuals, d_out):
+  q, k, v, vectors, fwd_schedule, bwd_schedule, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, vectors, fwd_schedule, bwd_schedule, out, lse, d_out, cfg)
+  return dq, dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# --- public API ----------------------------------------------------------------------------
+
+def unsupported_reason(q, k, v, *, block_q=128, block_kv=128, interpret=None):
+  """Why flash cannot serve these inputs (a sentence), or None when it can."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    return f"q, k, v must be [B, L, heads, D]; got ranks {q.ndim}, {k.ndim}, {v.ndim}"
+  if k.shape != v.shape:
+    return f"k {k.shape} and v {v.shape} differ"
+  if q.shape[:2] != k.shape[:2]:
+    return (f"flash is self-attention over one sequence: q {q.shape[:2]} and k {k.shape[:2]} "
+            "must share [B, L] (decode with a KV cache uses dense)")
+  if q.shape[3] != k.shape[3]:
+    return f"q head dim {q.shape[3]} differs from k head dim {k.shape[3]}"
+  if q.shape[2] % k.shape[2]:
+    return f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})"
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if not dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}:
+    return f"flash takes float32 or bfloat16 inputs, got {sorted(map(str, dtypes))}"
+  interpret = _default_interpret() if interpret is None else interpret
+  align = SUBLANES if interpret else LANES
+  for name, block in (("block_q", block_q), ("block_kv", block_kv)):
+    if block <= 0 or block % align:
+      where = "in interpret mode" if interpret else "on TPU"
+      return f"{name}={block} must be a positive multiple of {align} {where}"
+  return None
+
+
+def _default_interpret():
+  return jax.default_backend() != "tpu"
+
+
+def _round_up(x, multiple):
+  return -(-x // multiple) * multiple
+
+
+def flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, scale=None, block_q=128,
+                    block_kv=128, interpret=None):
+  """q [B, L, H, D], k/v [B, L, K, D] (K divides H), mask vectors [B, L] int32 -> [B, L, H, D].
+
+  Any L: sequences are padded inside to a multiple of both blocks (blocks shrink to fit short
+  sequences); padded tokens get a segment id matching no real one and are sliced off.
+  `interpret` defaults to True off TPU. Differentiable in q, k, v.
+  """
+  interpret = _default_interpret() if interpret is None else interpret
+  reason = unsupported_reason(q, k, v, block_q=block_q, block_kv=block_kv, interpret=interpret)
+  if reason:
+    raise ValueError(f"flash attention: {reason}")
+  batch, length, heads, head_dim = q.shape
+  align = SUBLANES if interpret else LANES
+  block_q = min(block_q, _round_up(length, align))
+  block_kv = min(block_kv, _round_up(length, align))
+  padded = _round_up(length, math.lcm(block_q, block_kv))
+  cfg = _Config(block_q=block_q, block_kv=block_kv, group=heads // k.shape[2],
+                interpret=bool(interpret))
+
+  scale = head_dim ** -0.5 if scale is None else scale
+  q = (q * scale).astype(q.dtype)  # the kernel's scores are q . k; autodiff carries the scale
+
+  def to_kernel_layout(x):  # [B, L, heads, D] -> [B, heads, Lp, D]
+    return jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+  pad = ((0, 0), (0, padded - length))
+  segment_ids = jnp.pad(jnp.asarray(segment_ids, jnp.int32), pad, constant_values=PAD_SEGMENT)
+  window_lo = jnp.pad(jnp.asarray(window_lo, jnp.int32), pad)
+  window_hi = jnp.pad(jnp.asarray(window_hi, jnp.int32), pad)
+  fwd_schedule = forward_schedule(segment_ids, window_lo, window_hi, block_q, block_kv)
+  bwd_schedule = backward_schedule(segment_ids, window_lo, window_hi, block_q, block_kv)
+  vectors = _mask_operands(segment_ids, window_lo, window_hi)
+  out = _flash(to_kernel_layout(q), to_kernel_layout(k), to_kernel_layout(v), vectors,
+               fwd_schedule, bwd_schedule, cfg)
+  return out.transpose(0, 2, 1, 3)[:, :length]
+
+
+def sharded_flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, mesh, scale=None,
+                            block_q=128, block_kv=128, interpret=None):
+  """flash_attention under shard_map: batch over the mesh's ("data", "fsdp") axes, heads over
+  "tensor" (whichever of them the mesh has). Each shard computes its own block schedules."""
+  batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  head_axis = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
+  batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
+  head_shards = mesh.shape[head_axis] if head_axis else 1
+  if q.shape[0] % batch_shards:
+    raise ValueError(f"flash attention: batch {q.shape[0]} does not split over mesh axes "
+                     f"{batch_axes} ({batch_shards} shards)")
+  if q.shape[2] % head_shards or k.shape[2] % head_shards:
+    raise ValueError(f"flash attention: heads {q.shape[2]} and kv heads {k.shape[2]} must both "
+                     f"split over mesh axis {head_axis!r} ({head_shards} shards)")
+  batch_spec = batch_axes or None
+  heads_spec = P(batch_spec, None, head_axis, None)
+  vector_spec = P(batch_spec, None)
+  local = functools.partial(flash_attention, scale=scale, block_q=block_q, block_kv=block_kv,
+                            interpret=interpret)
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(heads_spec,) * 3 + (vector_spec,) * 3, out_specs=heads_spec,
+      check_vma=False,
+  )(q, k, v, segment_ids, window_lo, window_hi)
