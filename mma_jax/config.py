@@ -53,6 +53,9 @@ class LLMConfig:
   qkv_bias: bool = False                 # qwen2: True
   tie_word_embeddings: bool = False
   sliding_window: int = 0                # 0 = none; longer sequences are refused, not windowed
+  bos_token_id: int | None = None        # the special ids HF configs carry, kept for export
+  eos_token_ids: list[int] = field(default_factory=list)
+  pad_token_id: int | None = None
 
   @property
   def dim_per_head(self) -> int:
@@ -94,7 +97,8 @@ class VisionConfig:
   @property
   def layers_to_run(self) -> int:
     """How many encoder layers produce the selected features (`feature_layer` made absolute)."""
-    return self.feature_layer if self.feature_layer >= 0 else self.num_layers + 1 + self.feature_layer
+    layer = self.feature_layer
+    return layer if layer >= 0 else self.num_layers + 1 + layer
 
   @property
   def num_features(self) -> int:
@@ -349,8 +353,9 @@ def validate_vision(vision: VisionConfig, prefix: str = "model.vision") -> None:
     _check(getattr(vision, name) > 0, f"{prefix}.{name}", "must be positive")
   _check(vision.hidden_size % vision.num_heads == 0, f"{prefix}.num_heads",
          f"{vision.num_heads} must divide hidden_size={vision.hidden_size}")
-  _check(vision.image_size % vision.patch_size == 0, f"{prefix}.patch_size",
-         f"{vision.patch_size} must divide image_size={vision.image_size}")
+  # No divisibility check: like HF's stride-patch conv, a remainder is cropped (so400m: 384 / 14).
+  _check(vision.patch_size <= vision.image_size, f"{prefix}.patch_size",
+         f"{vision.patch_size} exceeds image_size={vision.image_size}")
   n = vision.num_layers
   _check(-n - 1 <= vision.feature_layer <= n, f"{prefix}.feature_layer",
          f"{vision.feature_layer} must lie in [{-n - 1}, {n}] for num_layers={n}")

@@ -37,6 +37,10 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
       attention_factor=params.get("attention_factor"))
 
 
+def _as_list(ids) -> list[int]:
+  return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 def _sliding_window(hf: dict) -> int:
   window = hf.get("sliding_window") or 0
   if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
@@ -63,7 +67,8 @@ def llm_config_from_hf(hf: dict) -> LLMConfig:
       head_dim=hf.get("head_dim") or 0, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       max_position_embeddings=hf.get("max_position_embeddings", 4096), rope=_rope_from_hf(hf),
       qkv_bias=family == "qwen2", tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      sliding_window=_sliding_window(hf))
+      sliding_window=_sliding_window(hf), bos_token_id=hf.get("bos_token_id"),
+      eos_token_ids=_as_list(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"))
   if cfg.head_dim == cfg.hidden_size // cfg.num_heads:
     cfg.head_dim = 0
   validate_llm(cfg, prefix="config.json")
@@ -91,7 +96,9 @@ def llm_config_to_hf(cfg: LLMConfig) -> dict:
       "head_dim": cfg.dim_per_head, "rms_norm_eps": cfg.rms_norm_eps,
       "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu",
       "tie_word_embeddings": cfg.tie_word_embeddings, "rope_parameters": params,
-      "torch_dtype": "float32",
+      "torch_dtype": "float32", "bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+      "eos_token_id": (cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1
+                       else cfg.eos_token_ids or None),
   }
   if cfg.sliding_window:
     hf["sliding_window"] = cfg.sliding_window

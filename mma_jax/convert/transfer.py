@@ -61,7 +61,9 @@ def import_params(entries: Sequence[Entry], ckpt: HFCheckpoint,
   out = {p: np.empty(shape, dtype or dt) for p, (shape, dt) in targets.items()}
   by_key = {e.hf: e for e in entries}
   order = [k for k in ckpt.keys() if k in by_key]
-  for key in tqdm(order, desc="import", unit="tensor", disable=not progress, leave=False):
+  # disable=None: a bar on terminals, nothing in logs.
+  for key in tqdm(order, desc="import", unit="tensor", disable=None if progress else True,
+                  leave=False):
     entry = by_key[key]
     slot_shapes = [_slot_shape(out[p].shape, index) for p, index in entry.slots]
     expected = _expected_hf_shape(entry, slot_shapes)
