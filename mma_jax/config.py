@@ -238,6 +238,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
   if tp is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if tp is float and isinstance(value, str):
+    try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+      return float(value)
+    except ValueError:
+      pass
   if tp in (int, float, str, bool) and type(value) is tp:
     return value
   raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, "
@@ -388,3 +393,23 @@ def validate(config: Config) -> None:
          "train.grad_accum", f"{t.grad_accum} must divide train.batch_size={t.batch_size}")
   _check(t.min_learning_rate <= t.learning_rate, "train.min_learning_rate",
          f"{t.min_learning_rate} exceeds train.learning_rate={t.learning_rate}")
+
+
+def main(argv: typing.Sequence[str] | None = None) -> int:
+  """python -m mma_jax.config CONFIG.yaml [a.b=c ...]: prints the resolved, validated config."""
+  import sys
+
+  args = list(sys.argv[1:] if argv is None else argv)
+  if not args or args[0] in ("-h", "--help"):
+    print(main.__doc__)
+    return 0 if args else 2
+  try:
+    print(to_yaml(load_config(args[0], args[1:])), end="")
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
