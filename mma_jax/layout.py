@@ -1,4 +1,4 @@
-"""Conversation -> one example of the batch contract (DESIGN.md §1, §2). numpy only: runs in data workers.
+"""Conversation -> one example of the batch contract (DESIGN.md §1, §2); numpy only (data workers).
 
 A conversation is rendered with a chat template (templates.py) into one string, tokenized once,
 and every boundary (each `<image>`, each assistant header end, each answer) is found from the
@@ -23,7 +23,7 @@ ROLES = ("user", "assistant")
 
 
 class ConversationError(ValueError):
-  """A malformed conversation or caption. `reason` is a short key the data pipeline counts skips by."""
+  """A malformed conversation or caption; `reason` is a short key to count skipped examples by."""
 
   def __init__(self, reason: str, message: str):
     super().__init__(f"malformed conversation ({reason}): {message}")
@@ -44,14 +44,14 @@ class Conversation:
 
 @dataclass
 class Example:
-  """One laid-out example; every array is [L] int32 unless noted (DESIGN.md §2, the batch contract)."""
+  """One laid-out example; arrays are [L] int32 unless noted (DESIGN.md §2, the batch contract)."""
   tokens: np.ndarray
   positions: np.ndarray
   segment_ids: np.ndarray          # all 1 (one example); packing renumbers
   window_lo: np.ndarray            # extra key window [lo, hi) beyond causal; lo == hi means none
   window_hi: np.ndarray
   targets: np.ndarray              # tokens shifted left by one; the last is 0 (never trained)
-  loss_mask: np.ndarray            # float32; 1 where the target is an answer token (incl. end token)
+  loss_mask: np.ndarray            # float32; 1 where the target is an answer (or its end) token
   image_token_index: np.ndarray    # image_k * num_image_tokens + r on image tokens, -1 on text
   image_spans: np.ndarray          # [num_images, 2] token [start, end) of each image
   header_ends: np.ndarray          # [num_turns] one past each assistant role token
@@ -225,8 +225,8 @@ class ChatLayout:
       if k > 0 and ends[k - 1] > char:
         raise ConversationError(
             "token_boundary", f"the boundary of {what} at character {char} falls inside a token "
-            f"of template {self.template.name!r} with this tokenizer: {text[max(0, char - 20):char]!r}"
-            f" | {text[char:char + 20]!r}")
+            f"of template {self.template.name!r} with this tokenizer: "
+            f"{text[max(0, char - 20):char]!r} | {text[char:char + 20]!r}")
       return k
 
     return ids, to_token
@@ -275,8 +275,8 @@ def _single_token_id(tokenizer, token: str, template: ChatTemplate) -> int:
   if len(ids) != 1 or tokenizer.convert_ids_to_tokens(ids[0]) != token:
     raise ValueError(
         f"the tokenizer has no single-id token {token!r} needed by chat template "
-        f"{template.name!r}; add the template's special tokens (mma_jax.data.tokenizer.load_tokenizer "
-        f"adds and reports them)")
+        f"{template.name!r}; add the template's special tokens "
+        f"(mma_jax.data.tokenizer.load_tokenizer adds and reports them)")
   return int(ids[0])
 
 

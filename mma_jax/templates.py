@@ -39,7 +39,8 @@ class ChatTemplate:
 
 
 TEMPLATES = {
-    # AKI (Phi-3.5): `<s> <|system|>\n{system}<|end|>\n<|user|>\n<image>\n{q}<|end|>\n<|assistant|>\n`
+    # AKI (Phi-3.5):
+    #   `<s> <|system|>\n{system}<|end|>\n<|user|>\n<image>\n{q}<|end|>\n<|assistant|>\n`
     # (codes/open_flamingo/local_demo.py); the SFT target follows `<|assistant|>\n` and ends with
     # EOS, not `<|end|>` (sft_data_utils/base.py with add_eos_token). Phi-3's EOS is <|endoftext|>.
     "phi3": ChatTemplate(

@@ -65,7 +65,8 @@ def expanded(tok, text, n=N):
 AKI_QUESTION = "What color is the shape?"
 AKI_PROMPT = ("<s> <|system|>\nA chat between a curious user and an artificial intelligence "
               "assistant. The assistant gives helpful, detailed, and polite answers to the user's "
-              "questions.<|end|>\n<|user|>\n<image>\nWhat color is the shape?<|end|>\n<|assistant|>\n")
+              "questions.<|end|>\n<|user|>\n<image>\nWhat color is the shape?<|end|>\n"
+              "<|assistant|>\n")
 
 
 def aki_conversation(answer="Blue"):
@@ -115,7 +116,8 @@ def test_each_template_renders_exactly(tokenizers, name):
   header_end = int(ex.header_ends[0])
   role = TEMPLATES[name].assistant_header
   through_role = RENDERED[name][:RENDERED[name].index(role) + len(role)]
-  assert tok.decode(ex.tokens[:header_end].tolist()) == through_role.replace("<image>", "<image>" * N)
+  decoded = tok.decode(ex.tokens[:header_end].tolist())
+  assert decoded == through_role.replace("<image>", "<image>" * N)
   assert role.endswith(ROLE_END[name])
   assert trained_text(tok, ex) == TRAINED[name]
   # Images see the role token, never the token after it.
@@ -172,7 +174,7 @@ def test_aki_variants_bidir_image_prefix_lm_causal(phi3_tok):
 
 # ------------------------------------------------------------------------------ hand-written cases
 def test_two_images_in_one_turn_by_hand(phi3_tok):
-  # "<s> <|user|>\n<image><image>\nSame?<|end|>\n<|assistant|>\nNo<|endoftext|>" with 2 tokens/image:
+  # "<s> <|user|>\n<image><image>\nSame?<|end|>\n<|assistant|>\nNo<|endoftext|>", 2 tokens/image:
   #  0 <s>  1 ' '  2 <|user|>  3 \n  4-5 image0  6-7 image1  8 \n  9 Same  10 ?  11 <|end|>
   #  12 \n  13 <|assistant|>  14 \n  15 No  16 <|endoftext|>
   conv = Conversation([("user", "<image><image>\nSame?"), ("assistant", "No")], num_images=2,
@@ -199,7 +201,8 @@ def test_two_images_in_one_turn_by_hand(phi3_tok):
 def test_two_turns_two_images_by_hand(phi3_tok):
   #  0 <s>  1 ' '  2 <|user|>  3 \n  4-5 image0  6 \n  7 Color  8 ?  9 <|end|>  10 \n
   #  11 <|assistant|>  12 \n  13 Red  14 <|endoftext|>  15 \n  16 <|user|>  17 \n  18 And
-  #  19 ' '  20-21 image1  22 ?  23 <|end|>  24 \n  25 <|assistant|>  26 \n  27 Blue  28 <|endoftext|>
+  #  19 ' '  20-21 image1  22 ?  23 <|end|>  24 \n  25 <|assistant|>  26 \n  27 Blue
+  #  28 <|endoftext|>
   conv = Conversation([("user", "<image>\nColor?"), ("assistant", "Red"),
                        ("user", "And <image>?"), ("assistant", "Blue")], num_images=2, system="")
   lay = {m: layout_conversation(conv, "phi3", phi3_tok, 2, mode=m) for m in MASK_MODES}
@@ -211,7 +214,8 @@ def test_two_turns_two_images_by_hand(phi3_tok):
   # Image 0 sees through turn 1's <|assistant|> (11); image 1 through turn 2's (25).
   assert ex.window_lo.tolist() == [0] * 4 + [6, 6] + [0] * 14 + [22, 22] + [0] * 7
   assert ex.window_hi.tolist() == [0] * 4 + [12, 12] + [0] * 14 + [26, 26] + [0] * 7
-  assert lay["mma_bidir_image"].window_lo.tolist() == [0] * 4 + [4, 4] + [0] * 14 + [20, 20] + [0] * 7
+  bidir = lay["mma_bidir_image"]
+  assert bidir.window_lo.tolist() == [0] * 4 + [4, 4] + [0] * 14 + [20, 20] + [0] * 7
   # prefix_lm: each turn's prompt (turn 2's starts with the separator after answer 1) sees up to
   # its own header end.
   assert lay["prefix_lm"].window_hi.tolist() == [12] * 12 + [0] * 3 + [26] * 11 + [0] * 3

