@@ -160,7 +160,7 @@ def count_visited(schedule) -> int:
 def needed_blocks(segment_ids, window_lo, window_hi, block_q, block_kv):
   """bool [B, nq, nk]: tiles holding at least one allowed pair -- the exact minimum any blocked
   kernel must visit. Materializes the L x L mask: for tests and benchmarks only."""
-  mask = np.asarray(materialize(segment_ids, window_lo, window_hi))
+  mask = np.asarray(jax.jit(materialize)(segment_ids, window_lo, window_hi))
   batch, length, _ = mask.shape
   return mask.reshape(batch, length // block_q, block_q,
                       length // block_kv, block_kv).any(axis=(2, 4))
