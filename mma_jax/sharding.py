@@ -1,0 +1,159 @@
+"""Device meshes, the one logical-axis rules table, sharded creation, multi-host start-up.
+
+Parameters carry logical axis names (models/layers.py); `RULES` maps each name to a mesh axis.
+A mesh axis is used at most once per array (the first logical axis claiming it wins) and a
+dimension that does not divide evenly stays replicated, so any model fits any mesh.
+
+    python -m mma_jax.sharding describe configs/X.yaml mesh.fsdp=256 ...
+prints the plan per parameter group and ends with `per_device_bytes=<int>`; it needs no devices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mma_jax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+# logical axis -> mesh axis (or None: replicated). Parameters and activations share the table.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH),
+    ("layers", None),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("connector_heads", "tensor"),
+    ("connector_mlp", "tensor"),
+)
+_RULES = dict(RULES)
+
+
+# ------------------------------------------------------------------------------------------- mesh
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+  """Axis sizes with the -1 axis resolved; refuses shapes that do not use every device."""
+  sizes = {name: getattr(cfg, name) for name in MESH_AXES}
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  for name, size in sizes.items():
+    if size == -1:
+      if num_devices % fixed:
+        raise ConfigError(f"config key 'mesh.{name}': -1 cannot fill {num_devices} devices "
+                          f"when the other axes multiply to {fixed}")
+      sizes[name] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f"config key 'mesh': data x fsdp x tensor = "
+                      f"{' x '.join(map(str, sizes.values()))} = {math.prod(sizes.values())} "
+                      f"but {num_devices} devices are available")
+  return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axes (jax.make_mesh would default to Explicit)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(cfg, len(devices))
+  grid = np.asarray(devices).reshape(tuple(shape[a] for a in MESH_AXES))
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+# ----------------------------------------------------------------------------------------- specs
+def _size(mesh_axes, sizes: Mapping[str, int]) -> int:
+  names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+  return math.prod(sizes[n] for n in names)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int],
+                    sizes: Mapping[str, int]) -> P:
+  """Logical axis names of an array of `shape` -> PartitionSpec on a mesh of axis `sizes`."""
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(axes, shape):
+    mesh_axes = _RULES.get(name) if name else None
+    names = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+    names = tuple(n for n in names if n not in used and sizes.get(n, 1) > 1)
+    if not names or dim % _size(names, sizes):
+      out.append(None)
+      continue
+    used.update(names)
+    out.append(names[0] if len(names) == 1 else names)
+  return P(*out)
+
+
+def _axes(variable: nnx.Variable) -> tuple:
+  return tuple(variable.get_metadata().get("out_sharding") or ())
+
+
+def state_specs(state: nnx.State, sizes: Mapping[str, int]) -> nnx.State:
+  """The PartitionSpec of every variable in `state` (same structure; values replaced)."""
+  def one(variable):
+    value = variable.get_value()
+    return variable.replace(logical_to_spec(_axes(variable), value.shape, sizes))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+  specs = state_specs(state, dict(mesh.shape))
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def create_sharded(build, mesh: Mesh) -> nnx.Module:
+  """build() run under jit with sharded outputs: every parameter is born on its devices, never
+  materialised whole on one."""
+  abstract = nnx.eval_shape(build)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh)
+
+  @jax.jit
+  def init():
+    return nnx.state(build())
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Batch-contract arrays: leading axis over (data, fsdp), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+  """with_sharding_constraint by logical names under the active mesh; a no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, logical_to_spec(logical_axes, x.shape, dict(mesh.shape)))
+
+
+# ------------------------------------------------------------------------------------ multi-host
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Starts multi-process JAX. On TPU VMs every argument is discovered automatically; other
+  clusters pass the coordinator address, process count and this process's id."""
+  if coordinator is None and num_processes is None and jax.default_backend() != "tpu":
+    return  # a single process: nothing to join
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of every batch field -> global arrays sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
+          for k, v in local.items()}
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
