@@ -113,6 +113,12 @@ def unsupported_reason(q, k, v, window_lo, window_hi):
 
 @functools.lru_cache(maxsize=64)
 def _kernel(windows, length, heads, block_q, block_kv, interpret):
+  """A splash kernel per static layout and shape, cached: building it analyses the mask."""
+  with jax.ensure_compile_time_eval():  # its block tables must be constants, never tracers
+    return _build_kernel(windows, length, heads, block_q, block_kv, interpret)
+
+
+def _build_kernel(windows, length, heads, block_q, block_kv, interpret):
   mask = MMAMask((length, length), windows)
   block_sizes = splash.BlockSizes(
       block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
