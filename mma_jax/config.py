@@ -125,8 +125,9 @@ class ConnectorConfig:
 @dataclass
 class ModelConfig:
   llm: LLMConfig = field(default_factory=LLMConfig)
-  vision: VisionConfig = field(default_factory=VisionConfig)
-  connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+  vision: VisionConfig | None = None    # None (with connector None): a text-only LLM
+  connector: ConnectorConfig | None = None
+  freeze_vision: bool = True             # AKI and LLaVA train everything but the tower
   dtype: Literal["float32", "bfloat16"] = "float32"        # compute dtype
   param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
   scan_layers: bool = False              # lax.scan over the stacked decoder layers
@@ -376,8 +377,13 @@ def validate_connector(connector: ConnectorConfig, prefix: str = "model.connecto
 
 def validate(config: Config) -> None:
   validate_llm(config.model.llm)
-  validate_vision(config.model.vision)
-  validate_connector(config.model.connector)
+  m = config.model
+  if m.vision is not None:
+    validate_vision(m.vision)
+  if m.connector is not None:
+    validate_connector(m.connector)
+  _check((m.vision is None) == (m.connector is None), "model.connector" if m.vision else
+         "model.vision", "a multimodal model needs both model.vision and model.connector")
   a = config.attention
   for name in ("block_q", "block_kv"):
     size = getattr(a, name)

@@ -1,14 +1,17 @@
-"""Models: decoder LLMs (llm.py) and the shared building blocks (layers.py)."""
+"""Models: decoder LLMs (llm.py), vision towers, connectors, the MultimodalDecoder (mllm.py)."""
 from __future__ import annotations
 
 from flax import nnx
 
 from mma_jax.config import Config
 from mma_jax.models.llm import DecoderLLM
+from mma_jax.models.mllm import MultimodalDecoder
 
 
 def build_model(config: Config, rngs: nnx.Rngs) -> nnx.Module:
   """The model a config describes, with its attention impl, dtypes and layer scanning."""
   m = config.model
+  if m.vision is not None:
+    return MultimodalDecoder(m, impl=config.attention.impl, rngs=rngs)
   return DecoderLLM(m.llm, impl=config.attention.impl, dtype=m.dtype, param_dtype=m.param_dtype,
                     scan_layers=m.scan_layers, rngs=rngs)

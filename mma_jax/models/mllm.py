@@ -1,0 +1,55 @@
+"""MultimodalDecoder: pixels -> vision tower -> connector -> rows scattered into the token
+embeddings at `image_token_index` -> decoder LLM under the batch's mask vectors -> logits.
+
+`image_token_index[b, t]` indexes the image rows of batch row b (image n, row r -> n * T + r, with
+T rows per image), -1 for text; packing offsets it per row, so every batch row is self-contained
+and sharding the batch needs no cross-row gather.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mma_jax.config import ModelConfig
+from mma_jax.models.connector import build_connector, tokens_per_image
+from mma_jax.models.llm import DecoderLLM
+from mma_jax.models.vision import VisionTower
+
+
+class MultimodalDecoder(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, impl: str = "auto", rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
+    self.freeze_vision = cfg.freeze_vision
+    self.tokens_per_image = tokens_per_image(cfg.connector, cfg.vision)
+    self.vision = VisionTower(cfg.vision, rngs=rngs, **kw)
+    self.connector = build_connector(cfg.connector, cfg.vision.hidden_size, cfg.llm.hidden_size,
+                                     rngs=rngs, **kw)
+    self.llm = DecoderLLM(cfg.llm, impl=impl, rngs=rngs, **kw)
+
+  def image_rows(self, images):
+    """images [B, N, H, W, C] -> LLM-width rows [B, N * T, E]."""
+    b, n = images.shape[:2]
+    features = self.vision(images.reshape(b * n, *images.shape[2:]))
+    if self.freeze_vision:
+      features = jax.lax.stop_gradient(features)
+    rows = self.connector(features)
+    return rows.reshape(b, n * rows.shape[1], rows.shape[2])
+
+  def embed(self, tokens, image_token_index, images):
+    """Token embeddings with image rows placed where image_token_index >= 0."""
+    x = self.llm.embed_tokens(tokens)
+    if images is None or images.shape[1] == 0:
+      return x
+    rows = self.image_rows(images).astype(x.dtype)
+    gathered = jnp.take_along_axis(rows, jnp.maximum(image_token_index, 0)[..., None], axis=1)
+    return jnp.where((image_token_index >= 0)[..., None], gathered, x)
+
+  def __call__(self, *, tokens, positions, segment_ids, window_lo, window_hi,
+               image_token_index, images=None, image_valid=None):
+    """The batch contract's fields -> f32 logits [B, L, V]. (image_valid marks real images; the
+    rows of padding images are computed but never gathered.)"""
+    del image_valid
+    x = self.embed(tokens, image_token_index, images)
+    return self.llm(embeddings=x, positions=positions, segment_ids=segment_ids,
+                    window_lo=window_lo, window_hi=window_hi)
