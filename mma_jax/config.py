@@ -123,11 +123,24 @@ class ConnectorConfig:
 
 
 @dataclass
+class OriginConfig:
+  """What a converted model's HF format needs back on export, beyond the architecture."""
+  format: str = ""                       # the format it was imported from (hf-llm, llava, aki, ...)
+  image_token_id: int = -1               # the id marking image rows (LLaVA image_token_index,
+                                         # AKI <image>); -1 = none
+  llm_path: str = ""                     # AKI config.json: lang_model_path (a hub id)
+  vision_path: str = ""                  # AKI config.json: vision_encoder_path
+  base_vocab_size: int = 0               # AKI: rows of the base LLM's table (ids past the
+                                         # original tokenizer are unused there)
+
+
+@dataclass
 class ModelConfig:
   llm: LLMConfig = field(default_factory=LLMConfig)
   vision: VisionConfig | None = None    # None (with connector None): a text-only LLM
   connector: ConnectorConfig | None = None
   freeze_vision: bool = True             # AKI and LLaVA train everything but the tower
+  origin: OriginConfig = field(default_factory=OriginConfig)
   dtype: Literal["float32", "bfloat16"] = "float32"        # compute dtype
   param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
   scan_layers: bool = False              # lax.scan over the stacked decoder layers

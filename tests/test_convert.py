@@ -11,7 +11,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from hf_models import save_tiny_llm
-from mma_jax.convert import formats
+from mma_jax.convert import operations
+from mma_jax.convert.llm import HF_LLM
 from mma_jax.convert.__main__ import main as convert_main
 from mma_jax.convert.safetensors_io import CheckpointError, HFCheckpoint, write_safetensors
 from mma_jax.convert.store import load_model
@@ -44,11 +45,11 @@ def test_import_export_round_trip_through_transformers(tmp_path, family):
 
 def test_bf16_import_stores_bf16_and_export_reloads(tmp_path):
   save_tiny_llm("llama", tmp_path / "hf")
-  formats.import_checkpoint(formats.HF_LLM, tmp_path / "hf", tmp_path / "ckpt", dtype="bf16")
+  operations.import_checkpoint(HF_LLM, tmp_path / "hf", tmp_path / "ckpt", dtype="bf16")
   config, params = load_model(tmp_path / "ckpt")
   assert config.model.param_dtype == "bfloat16"
   assert all(str(a.dtype) == "bfloat16" for a in params.values())
-  formats.export_checkpoint(formats.HF_LLM, tmp_path / "ckpt", tmp_path / "out", dtype="bf16")
+  operations.export_checkpoint(HF_LLM, tmp_path / "ckpt", tmp_path / "out", dtype="bf16")
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
   assert model.model.embed_tokens.weight.dtype == torch.bfloat16
 
@@ -61,7 +62,7 @@ def test_sharded_checkpoint_is_streamed_through_its_index(tmp_path):
   assert len(files) > 2 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
   ckpt = HFCheckpoint(tmp_path / "hf")
   assert ckpt.keys() == sorted(ckpt.keys(), key=lambda k: (str(ckpt._key_to_file[k]), k))
-  assert formats.verify(formats.HF_LLM, tmp_path / "hf", seq_len=16, batch=2) <= 1e-4
+  assert operations.verify(HF_LLM, tmp_path / "hf", seq_len=16, batch=2) <= 1e-4
 
 
 def test_verify_cli_prints_the_contract_line(tmp_path):

@@ -8,7 +8,8 @@ from flax import nnx
 
 from hf_models import save_tiny_llm
 from mma_jax.config import Config, LLMConfig, ModelConfig
-from mma_jax.convert import formats
+from mma_jax.convert import operations
+from mma_jax.convert.llm import HF_LLM
 from mma_jax.models import build_model
 from mma_jax.models.llm import DecoderLLM
 
@@ -21,7 +22,7 @@ from mma_jax.models.llm import DecoderLLM
 ])
 def test_logits_match_transformers_on_padded_batch(tmp_path, family, seq_len):
   save_tiny_llm(family, tmp_path)
-  diff = formats.verify(formats.HF_LLM, tmp_path, seq_len=seq_len, batch=3)
+  diff = operations.verify(HF_LLM, tmp_path, seq_len=seq_len, batch=3)
   assert diff <= 1e-4
 
 

@@ -12,7 +12,7 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-  from mma_jax.convert.formats import FORMATS
+  from mma_jax.convert.operations import FORMATS
 
   parser = argparse.ArgumentParser(prog="python -m mma_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,12 +27,18 @@ def _parser() -> argparse.ArgumentParser:
     if name != "export":
       p.add_argument("--allow-pickle", action="store_true",
                      help="load *.bin pickles (torch.load with weights_only=True)")
+      p.add_argument("--llm-config", help="aki: the base LLM's config.json (file or directory)")
+      p.add_argument("--vision-config", help="aki: the base vision model's config.json")
     if name == "verify":
       p.add_argument("--seq-len", type=int, default=32)
       p.add_argument("--batch", type=int, default=2)
       p.add_argument("--seed", type=int, default=0)
       p.add_argument("--tol", type=float, default=1e-4)
   return parser
+
+
+def _base_configs(args) -> dict:
+  return {"llm_config": args.llm_config, "vision_config": args.vision_config}
 
 
 def main(argv=None) -> int:
@@ -42,20 +48,20 @@ def main(argv=None) -> int:
 
   jax.config.update("jax_default_matmul_precision", "highest")
   from mma_jax.config import ConfigError
-  from mma_jax.convert import formats
+  from mma_jax.convert import operations as ops
   from mma_jax.convert.safetensors_io import CheckpointError
 
   try:
-    fmt = formats.get_format(args.format)
+    fmt = ops.get_format(args.format)
     if args.command == "import":
-      out = formats.import_checkpoint(fmt, args.src, args.dst, dtype=args.dtype,
-                                      allow_pickle=args.allow_pickle)
+      out = ops.import_checkpoint(fmt, args.src, args.dst, dtype=args.dtype,
+                                  allow_pickle=args.allow_pickle, **_base_configs(args))
       print(f"wrote {out}")
     elif args.command == "export":
-      print(f"wrote {formats.export_checkpoint(fmt, args.src, args.dst, dtype=args.dtype)}")
+      print(f"wrote {ops.export_checkpoint(fmt, args.src, args.dst, dtype=args.dtype)}")
     else:
-      diff = formats.verify(fmt, args.src, seq_len=args.seq_len, batch=args.batch,
-                            seed=args.seed, allow_pickle=args.allow_pickle)
+      diff = ops.verify(fmt, args.src, seq_len=args.seq_len, batch=args.batch, seed=args.seed,
+                        allow_pickle=args.allow_pickle, **_base_configs(args))
       print(f"tolerance={args.tol:g} {'ok' if diff <= args.tol else 'EXCEEDED'}")
       print(f"max_abs_logit_diff={diff:.6g}")
       return 0 if diff <= args.tol else 1

@@ -48,8 +48,8 @@ class Rule:
   hf: str                            # HF key; '{i}' marks a per-layer rule
   ours: str | tuple[str, ...]        # our parameter path(s)
   hook: Hook = IDENTITY
-  rows: tuple[int, int] | None = None  # the HF tensor fills only these rows of ours (AKI's
-                                       # decoupled embeddings: two HF tensors, one table)
+  region: tuple = ()                 # a numpy index into ours (after the layer index): the HF
+                                     # tensor fills only that part (AKI's decoupled embeddings)
 
   @property
   def our_paths(self) -> tuple[str, ...]:
@@ -67,10 +67,9 @@ class Entry:
 def expand(rules: Sequence[Rule], num_layers: int) -> list[Entry]:
   entries = []
   for rule in rules:
-    rows = (slice(*rule.rows),) if rule.rows else ()
     layers = range(num_layers) if "{i}" in rule.hf else [None]
     for i in layers:
-      index = rows if i is None else (i, *rows)
+      index = rule.region if i is None else (i, *rule.region)
       entries.append(Entry(rule.hf.format(i=i) if i is not None else rule.hf,
                            tuple((p, index) for p in rule.our_paths), rule.hook))
   return entries

@@ -1,8 +1,15 @@
-"""HF decoder LLMs (Llama, Qwen2, Phi-3) <-> DecoderLLM: config translation and key maps."""
+"""HF decoder LLMs (Llama, Qwen2, Phi-3) <-> DecoderLLM: config translation, key maps and the
+`hf-llm` format."""
 from __future__ import annotations
 
-from mma_jax.config import ConfigError, LLMConfig, RopeConfig, validate_llm
-from mma_jax.convert.keymap import IDENTITY, LINEAR, Rule, split_rows
+import dataclasses
+
+import numpy as np
+
+from mma_jax.config import Config, ConfigError, LLMConfig, ModelConfig, OriginConfig, RopeConfig
+from mma_jax.config import validate_llm
+from mma_jax.convert.formats import Format, read_json, right_padded_batch
+from mma_jax.convert.keymap import IDENTITY, LINEAR, Rule, expand, split_rows
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                     "phi3": "Phi3ForCausalLM"}
@@ -145,3 +152,37 @@ def llm_rules(cfg: LLMConfig) -> list[Rule]:
 def llm_ignored(cfg: LLMConfig) -> tuple[str, ...]:
   # Tied checkpoints sometimes store the head anyway; it is the embedding.
   return IGNORED + (("lm_head.weight",) if cfg.tie_word_embeddings else ())
+
+
+# ------------------------------------------------------------------------------------ the format
+def _read_config(src, **_) -> Config:
+  return Config(model=ModelConfig(llm=llm_config_from_hf(read_json(src)),
+                                  origin=OriginConfig(format="hf-llm")),
+                attention=dataclasses.replace(Config().attention, mask="causal"))
+
+
+def _compare(src, model, config: Config, seq_len: int, batch: int, seed: int):
+  import torch
+  import transformers
+
+  tokens, valid = right_padded_batch(batch, seq_len, config.model.llm.vocab_size, seed)
+  reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+  with torch.no_grad():
+    ref = reference(input_ids=torch.from_numpy(tokens).long(),
+                    attention_mask=torch.from_numpy(valid.astype(np.int64))).logits.numpy()
+  segment_ids = valid.astype(np.int32)
+  zeros = np.zeros_like(segment_ids)
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)
+  ours = np.asarray(model(tokens=tokens, positions=positions, segment_ids=segment_ids,
+                          window_lo=zeros, window_hi=zeros))
+  return ours, ref, valid
+
+
+HF_LLM = Format(
+    name="hf-llm",
+    read_config=_read_config,
+    hf_files=lambda c: {"config.json": llm_config_to_hf(c.model.llm)},
+    entries=lambda c: expand(llm_rules(c.model.llm), c.model.llm.num_layers),
+    ignored=lambda c: llm_ignored(c.model.llm),
+    compare=_compare,
+)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from safetensors import safe_open
@@ -24,11 +24,15 @@ class CheckpointError(ValueError):
 class HFCheckpoint:
   """The tensors of an HF directory: `keys()`, `shape(key)`, `read(key)`, in shard order."""
 
-  def __init__(self, directory: str | pathlib.Path, *, allow_pickle: bool = False):
+  def __init__(self, directory: str | pathlib.Path, *, allow_pickle: bool = False,
+               rename: Callable[[str], str] | None = None):
+    """`rename` maps stored names to canonical ones (one format, several key layouts); every
+    method then speaks canonical names."""
     self.dir = pathlib.Path(directory)
     if not self.dir.is_dir():
       raise CheckpointError(f"checkpoint directory '{self.dir}' does not exist")
     self._key_to_file: dict[str, pathlib.Path] = {}
+    self._stored_name: dict[str, str] = {}   # canonical -> stored, where `rename` changed it
     self._pickled: dict[str, np.ndarray] | None = None
     self._open_file: pathlib.Path | None = None
     self._handle = None
@@ -55,7 +59,22 @@ class HFCheckpoint:
             f"'{bins[0]}' is a pickle (.bin); loading pickles can run arbitrary code. "
             "Convert it to safetensors, or pass --allow-pickle if you trust it")
       self._pickled = _load_pickles(bins)
-    self._shapes: dict[str, tuple[int, ...]] = {}
+    if rename is not None:
+      self._rename(rename)
+
+  def _rename(self, rename: Callable[[str], str]) -> None:
+    stored = self._pickled if self._pickled is not None else self._key_to_file
+    for key in list(stored):
+      canonical = rename(key)
+      if canonical in self._stored_name:
+        raise CheckpointError(f"checkpoint '{self.dir}' holds both '{self._stored_name[canonical]}'"
+                              f" and '{key}', two layouts of the same tensor")
+      self._stored_name[canonical] = key
+    renamed = {rename(k): v for k, v in stored.items()}
+    if self._pickled is not None:
+      self._pickled = renamed
+    else:
+      self._key_to_file = renamed
 
   def keys(self) -> list[str]:
     """All tensor names, grouped by shard so that reading in this order opens each shard once."""
@@ -78,12 +97,15 @@ class HFCheckpoint:
   def shape(self, key: str) -> tuple[int, ...]:
     if self._pickled is not None:
       return tuple(self._pickled[key].shape)
-    return tuple(self._file(key).get_slice(key).get_shape())
+    return tuple(self._file(key).get_slice(self._stored(key)).get_shape())
 
   def read(self, key: str) -> np.ndarray:
     if self._pickled is not None:
       return self._pickled[key]
-    return self._file(key).get_tensor(key)
+    return self._file(key).get_tensor(self._stored(key))
+
+  def _stored(self, key: str) -> str:
+    return self._stored_name.get(key, key)
 
   def close(self) -> None:
     if self._handle is not None:
@@ -107,7 +129,6 @@ def write_safetensors(directory: str | pathlib.Path, tensors: Iterable[tuple[str
   holding at most one shard in memory; a single shard is written as `model.safetensors`."""
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  shards: list[dict[str, np.ndarray]] = []
   written: list[tuple[pathlib.Path, list[str]]] = []
   current: dict[str, np.ndarray] = {}
   size = total = 0
@@ -128,7 +149,6 @@ def write_safetensors(directory: str | pathlib.Path, tensors: Iterable[tuple[str
     size += array.nbytes
     total += array.nbytes
   flush()
-  del shards
   n = len(written)
   if n == 1:
     final = [directory / "model.safetensors"]
@@ -142,8 +162,3 @@ def write_safetensors(directory: str | pathlib.Path, tensors: Iterable[tuple[str
     (directory / INDEX).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
   return final
-
-
-def iter_tensors(ckpt: HFCheckpoint) -> Iterator[tuple[str, np.ndarray]]:
-  for key in ckpt.keys():
-    yield key, ckpt.read(key)
