@@ -15,8 +15,9 @@ Two layouts: "packed" (examples packed greedily into the row, then padding) and 
 slots of prefix + image + 256-token question slot + 128-token answer slot; what splash can take).
 Implied attention FLOPs are proportional to visited tiles; `x causal` divides by splash_causal.
 
---tpu times forward and forward+backward of flash, splash-causal, splash-MMA and dense on the
-"slots" layout (the one layout all four can run). --dry-run runs that timing code on CPU in
+--tpu times forward and forward+backward of flash, flash_trimmed (max_steps = the most blocks any
+row needs), splash-causal, splash-MMA and dense on the "slots" layout (the one layout all of them
+can run). --dry-run runs that timing code on CPU in
 interpret mode at a toy size, to check it end to end without a TPU.
 
   python bench/attention.py [--lengths 1024 2048 4096 8192] [--blocks 128 512] [--rows 4]
@@ -138,7 +139,8 @@ def count_blocks(args):
         gflop = 4 * flash_fwd * block * block * args.head_dim * args.heads / 1e9
         print(f"{kind:7} {length:5d} {block:4d} {n * n:7d} {causal:10d} "
               f"{'-' if splash_mma is None else splash_mma:>8} {flash_fwd:9.1f} {flash_dkv:9.1f} "
-              f"{exact:8.1f} {flash_causal:12.1f} {flash_fwd / causal:14.3f} {exact / causal:14.3f} {gflop:11.2f}")
+              f"{exact:8.1f} {flash_causal:12.1f} {flash_fwd / causal:14.3f} "
+              f"{exact / causal:14.3f} {gflop:11.2f}")
 
 
 def time_call(fn, *args, reps):
@@ -173,8 +175,13 @@ def time_kernels(args, interpret):
       if length % block:
         continue
       blocks = dict(block_q=block, block_kv=block, interpret=interpret)
+      # The most blocks any row needs: a grid that short drops flash's idle steps.
+      need = max(int(np.asarray(schedule(seg, lo, hi, block, block))[..., 3].max())
+                 for schedule in (mask_lib.forward_schedule, mask_lib.backward_schedule))
       impls = {
           "flash": lambda q, k, v: flash_attention(q, k, v, seg, lo, hi, **blocks),
+          "flash_trimmed": lambda q, k, v: flash_attention(q, k, v, seg, lo, hi,
+                                                           max_steps=need, **blocks),
           "splash_causal": lambda q, k, v: splash_attention(q, k, v, seg, StaticLayout.causal(),
                                                             **blocks),
           "splash_mma": lambda q, k, v: splash_attention(q, k, v, seg, mma, **blocks),

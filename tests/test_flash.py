@@ -108,6 +108,7 @@ CASES = [  # layout, L, H, K, block_q, block_kv, dtype
     ("packed", 1024, 4, 2, 128, 128, "float32"),
     ("one_image", 384, 4, 2, 128, 128, "bfloat16"),
     ("packed", 384, 4, 1, 64, 128, "bfloat16"),
+    ("multi_turn", 1024, 4, 1, 128, 128, "bfloat16"),
 ]
 
 
@@ -137,6 +138,22 @@ def test_flash_matches_dense(layout, length, heads, kv_heads, block_q, block_kv,
         + " ".join(f"{n}={e:.1e}" for n, e in errors.items()))
   limit = 1e-5 if dtype == jnp.float32 else 2e-2
   assert max(errors.values()) <= limit, errors
+
+
+@pytest.mark.parametrize("slack", [0, -1])  # the grid fits every row / one row needs more
+def test_max_steps_never_changes_results(slack):
+  rng = np.random.default_rng(11)
+  seg, lo, hi = random_layout(rng, 2, 512, **LAYOUTS["packed"])
+  fwd, bwd = schedules(seg, lo, hi, 64, 64)
+  need = int(max(fwd[..., 3].max(), bwd[..., 3].max()))
+  assert need < 512 // 64  # shorter than the full grid
+  q, k, v, d_out = make_inputs(jax.random.PRNGKey(5), 2, 512, 2, 1, 16, jnp.float32)
+  got = jax.jit(lambda q, k, v, d: value_and_grads(
+      lambda q, k, v: flash_attention(q, k, v, seg, lo, hi, block_q=64, block_kv=64,
+                                      max_steps=need + slack), q, k, v, d))(q, k, v, d_out)
+  want = value_and_grads(lambda q, k, v: attend_dense(q, k, v, seg, lo, hi), q, k, v, d_out)
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    assert float(jnp.max(jnp.abs(g - w))) <= 1e-5, name
 
 
 def test_flash_scale_and_padding_rows():
@@ -227,15 +244,15 @@ def test_segment_starts_handles_reused_ids():
 
 # --- TPU lowering (no TPU needed) ------------------------------------------------------------
 
-@pytest.mark.parametrize("kv_heads", [8, 2])
-def test_flash_lowers_for_tpu(kv_heads):
+@pytest.mark.parametrize("kv_heads,max_steps", [(8, None), (2, 4)])
+def test_flash_lowers_for_tpu(kv_heads, max_steps):
   batch, length, heads, head_dim = 1, 2048, 8, 128
   q = jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((batch, length, kv_heads, head_dim), jnp.bfloat16)
   vec = jax.ShapeDtypeStruct((batch, length), jnp.int32)
 
   def forward(q, k, v, seg, lo, hi):
-    return flash_attention(q, k, v, seg, lo, hi, interpret=False)
+    return flash_attention(q, k, v, seg, lo, hi, max_steps=max_steps, interpret=False)
 
   def grads(q, k, v, seg, lo, hi):
     loss = lambda q, k, v: forward(q, k, v, seg, lo, hi).astype(jnp.float32).sum()
@@ -252,8 +269,10 @@ def test_flash_lowers_for_tpu(kv_heads):
 
 # --- shard_map ---------------------------------------------------------------------------------
 
-def test_sharded_flash_matches_unsharded():
-  mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
+@pytest.mark.parametrize("axes,shape", [(("data", "tensor"), (2, 2)),
+                                         (("data", "fsdp", "tensor"), (1, 2, 2))])
+def test_sharded_flash_matches_unsharded(axes, shape):
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(shape), axes)
   rng = np.random.default_rng(3)
   seg, lo, hi = random_layout(rng, 2, 256, **LAYOUTS["packed"])
   q, k, v, d_out = make_inputs(jax.random.PRNGKey(3), 2, 256, 4, 2, 32, jnp.float32)

@@ -6,10 +6,11 @@ Three kernels under one custom_vjp: forward (grid batch, heads, q blocks, kv ste
 grid) and dkv (grid batch, kv heads, kv blocks, heads of the group, q steps, so a kv block sums
 its gradient over every query head that reads it). Which blocks a step fetches comes from the
 block schedules of mask.py, passed by scalar prefetch into the index maps; steps past a row's
-count repeat the last block (no new DMA) and skip compute. Mask tiles are computed in-kernel:
-q-side vectors arrive as (bq, 128) lane-broadcast blocks, kv segment ids as (8, bkv)
-sublane-broadcast blocks, and per-row statistics (m, l, lse, di) live in lane-replicated
-(bq, 128) tiles. The softmax scale is applied to q before the kernels; accumulation is f32.
+count repeat the last block (no new DMA) and skip compute (`max_steps` can shorten that axis).
+Mask tiles are computed in-kernel: q-side vectors arrive as (bq, 128) lane-broadcast blocks, kv
+segment ids as (8, bkv) sublane-broadcast blocks, and per-row statistics (m, l, lse, di) live in
+lane-replicated (bq, 128) tiles. The softmax scale is applied to q before the kernels;
+accumulation is f32.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class _Config:
   block_kv: int
   group: int  # query heads per kv head
   interpret: bool
+  max_steps: int | None = None  # grid steps per schedule row when every row fits (else all)
 
 
 # --- in-kernel helpers ---------------------------------------------------------------------
@@ -168,6 +170,15 @@ def _dkv_kernel(schedule_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_se
 
 # --- pallas_call wrappers (arrays in kernel layout: q/k/v [B, heads, Lp, D]) ------------------
 
+def _with_steps(run, schedule, n_blocks, max_steps):
+  """run(steps) on a grid of `max_steps` steps per schedule row when every row fits, else on
+  the full `n_blocks`. The check runs on device (lax.cond), so results never depend on it."""
+  if max_steps is None or max_steps >= n_blocks:
+    return run(n_blocks)
+  fits = schedule[..., 3].max() <= max_steps
+  return jax.lax.cond(fits, lambda: run(max_steps), lambda: run(n_blocks))
+
+
 def _mask_operands(segment_ids, window_lo, window_hi):
   """q-side vectors as [B, Lp, 128] (lane-broadcast), kv segment ids as [B, 8, Lp]."""
   batch, length = segment_ids.shape
@@ -196,22 +207,25 @@ def _forward(q, k, v, vectors, fwd_schedule, cfg):
   kv_vec_spec = pl.BlockSpec((None, SUBLANES, bkv),
                              lambda b, h, i, j, s: (b, 0, kv_block(b, i, j, s)))
   row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, s: (b, h, i, 0))
-  kernel = functools.partial(_fwd_kernel, bq=bq, bkv=bkv, n_q=n_q, steps=n_kv)
-  out, lse = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(batch, heads, n_q, n_kv),
-          in_specs=[q_spec, kv_spec, kv_spec, q_vec_spec, q_vec_spec, q_vec_spec, kv_vec_spec],
-          out_specs=[q_spec, row_spec],
-          scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
-                          pltpu.VMEM((bq, LANES), jnp.float32),
-                          pltpu.VMEM((bq, head_dim), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, length, LANES), jnp.float32)],
-      compiler_params=_compiler_params(3, 1),
-      interpret=cfg.interpret,
-      name="mma_flash_fwd",
-  )(fwd_schedule.reshape(-1), q, k, v, *vectors)
+
+  def run(steps):
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, bq=bq, bkv=bkv, n_q=n_q, steps=steps),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(batch, heads, n_q, steps),
+            in_specs=[q_spec, kv_spec, kv_spec, q_vec_spec, q_vec_spec, q_vec_spec, kv_vec_spec],
+            out_specs=[q_spec, row_spec],
+            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, head_dim), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, length, LANES), jnp.float32)],
+        compiler_params=_compiler_params(3, 1),
+        interpret=cfg.interpret,
+        name="mma_flash_fwd",
+    )(fwd_schedule.reshape(-1), q, k, v, *vectors)
+
+  out, lse = _with_steps(run, fwd_schedule, n_kv, cfg.max_steps)
   return out, lse[..., 0]
 
 
@@ -236,19 +250,22 @@ def _backward(q, k, v, vectors, fwd_schedule, bwd_schedule, out, lse, d_out, cfg
   q_vec_spec = pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, s: (b, i, 0))
   kv_vec_spec = pl.BlockSpec((None, SUBLANES, bkv),
                              lambda b, h, i, j, s: (b, 0, kv_block(b, i, j, s)))
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, bq=bq, bkv=bkv, n_q=n_q, steps=n_kv),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(batch, heads, n_q, n_kv),
-          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                    q_vec_spec, q_vec_spec, q_vec_spec, kv_vec_spec],
-          out_specs=q_spec,
-          scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(3, 1),
-      interpret=cfg.interpret,
-      name="mma_flash_dq",
-  )(fwd_schedule.reshape(-1), q, k, v, d_out, lse, di, *vectors)
+
+  def run_dq(steps):
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, bq=bq, bkv=bkv, n_q=n_q, steps=steps),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(batch, heads, n_q, steps),
+            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                      q_vec_spec, q_vec_spec, q_vec_spec, kv_vec_spec],
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(3, 1),
+        interpret=cfg.interpret,
+        name="mma_flash_dq",
+    )(fwd_schedule.reshape(-1), q, k, v, d_out, lse, di, *vectors)
+  dq = _with_steps(run_dq, fwd_schedule, n_kv, cfg.max_steps)
 
   # dkv: grid (B, K, kv blocks, group heads, q steps); the transposed schedule picks q blocks.
   def q_block(b, kj, t, sched):
@@ -265,21 +282,24 @@ def _backward(q, k, v, vectors, fwd_schedule, bwd_schedule, out, lse, d_out, cfg
   q_vec_spec = pl.BlockSpec((None, bq, LANES),
                             lambda b, kh, kj, g, t, s: (b, q_block(b, kj, t, s), 0))
   kv_vec_spec = pl.BlockSpec((None, SUBLANES, bkv), lambda b, kh, kj, g, t, s: (b, 0, kj))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, bq=bq, bkv=bkv, n_kv=n_kv, group=group, steps=n_q),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(batch, kv_heads, n_kv, group, n_q),
-          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                    q_vec_spec, q_vec_spec, q_vec_spec, kv_vec_spec],
-          out_specs=[kv_spec, kv_spec],
-          scratch_shapes=[pltpu.VMEM((bkv, head_dim), jnp.float32),
-                          pltpu.VMEM((bkv, head_dim), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_compiler_params(3, 2),
-      interpret=cfg.interpret,
-      name="mma_flash_dkv",
-  )(bwd_schedule.reshape(-1), q, k, v, d_out, lse, di, *vectors)
+
+  def run_dkv(steps):
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, bq=bq, bkv=bkv, n_kv=n_kv, group=group, steps=steps),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(batch, kv_heads, n_kv, group, steps),
+            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                      q_vec_spec, q_vec_spec, q_vec_spec, kv_vec_spec],
+            out_specs=[kv_spec, kv_spec],
+            scratch_shapes=[pltpu.VMEM((bkv, head_dim), jnp.float32),
+                            pltpu.VMEM((bkv, head_dim), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_compiler_params(3, 2),
+        interpret=cfg.interpret,
+        name="mma_flash_dkv",
+    )(bwd_schedule.reshape(-1), q, k, v, d_out, lse, di, *vectors)
+  dk, dv = _with_steps(run_dkv, bwd_schedule, n_q, cfg.max_steps)
   return dq, dk, dv
 
 
@@ -338,11 +358,15 @@ def _round_up(x, multiple):
 
 
 def flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, scale=None, block_q=128,
-                    block_kv=128, interpret=None):
+                    block_kv=128, max_steps=None, interpret=None):
   """q [B, L, H, D], k/v [B, L, K, D] (K divides H), mask vectors [B, L] int32 -> [B, L, H, D].
 
   Any L: sequences are padded inside to a multiple of both blocks (blocks shrink to fit short
   sequences); padded tokens get a segment id matching no real one and are sliced off.
+  `max_steps`: grid steps per q block (and per kv block in dkv). None walks every block, and
+  at long L with packed short examples most steps then idle; a bound on the blocks a row needs
+  (see mask.count_visited / the schedules' counts) cuts that per-step overhead. A batch with a
+  row that needs more runs on the full grid (checked on device), so it never changes results.
   `interpret` defaults to True off TPU. Differentiable in q, k, v.
   """
   interpret = _default_interpret() if interpret is None else interpret
@@ -355,7 +379,7 @@ def flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, scale=None, b
   block_kv = min(block_kv, _round_up(length, align))
   padded = _round_up(length, math.lcm(block_q, block_kv))
   cfg = _Config(block_q=block_q, block_kv=block_kv, group=heads // k.shape[2],
-                interpret=bool(interpret))
+                interpret=bool(interpret), max_steps=max_steps)
 
   scale = head_dim ** -0.5 if scale is None else scale
   q = (q * scale).astype(q.dtype)  # the kernel's scores are q . k; autodiff carries the scale
@@ -376,7 +400,7 @@ def flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, scale=None, b
 
 
 def sharded_flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, mesh, scale=None,
-                            block_q=128, block_kv=128, interpret=None):
+                            block_q=128, block_kv=128, max_steps=None, interpret=None):
   """flash_attention under shard_map: batch over the mesh's ("data", "fsdp") axes, heads over
   "tensor" (whichever of them the mesh has). Each shard computes its own block schedules."""
   batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
@@ -393,7 +417,7 @@ def sharded_flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, mesh,
   heads_spec = P(batch_spec, None, head_axis, None)
   vector_spec = P(batch_spec, None)
   local = functools.partial(flash_attention, scale=scale, block_q=block_q, block_kv=block_kv,
-                            interpret=interpret)
+                            max_steps=max_steps, interpret=interpret)
   return jax.shard_map(
       local, mesh=mesh, in_specs=(heads_spec,) * 3 + (vector_spec,) * 3, out_specs=heads_spec,
       check_vma=False,
