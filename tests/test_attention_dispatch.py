@@ -70,6 +70,17 @@ def test_flash_under_a_mesh_runs_sharded():
   assert float(jnp.max(jnp.abs(got - want))) <= 1e-5
 
 
+def test_flash_under_a_mesh_it_cannot_split(fresh_log, monkeypatch):
+  q, k, v, seg, lo, hi = inputs(kv_heads=1)
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
+  with jax.set_mesh(mesh):
+    with pytest.raises(ValueError, match="kv heads 1 must both split"):
+      attend(q, k, v, seg, lo, hi, impl="flash")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert attention._resolve("auto", q, k, v, lo, hi) == "dense"
+  assert "kv heads 1 must both split" in fresh_log.records[-1].getMessage()
+
+
 @pytest.mark.parametrize("impl,args,message", [
     ("flash", lambda q, k, v: (q[:, :1], k, v), "must share"),
     ("flash", lambda q, k, v: (q[:, :, :3], k, v), "must divide query heads"),

@@ -292,5 +292,5 @@ def test_sharded_flash_rejects_indivisible_heads():
   mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
   q, k, v, _ = make_inputs(jax.random.PRNGKey(0), 2, 64, 4, 1, 16, jnp.float32)
   seg = np.ones((2, 64), np.int32)
-  with pytest.raises(ValueError, match="kv heads 1"):
+  with pytest.raises(ValueError, match="kv heads 1 must both split"):
     sharded_flash_attention(q, k, v, seg, 0 * seg, 0 * seg, mesh=mesh)

@@ -28,12 +28,19 @@ def _log_once(choice: str, reason: str) -> None:
     _log.info("attention impl=auto -> %s (%s)", choice, reason)
 
 
+def _flash_reason(q, k, v):
+  """Why flash cannot serve the input here (shapes, dtypes, the context mesh), or None."""
+  mesh = _context_mesh()
+  return flash.unsupported_reason(q, k, v) or (
+      flash.sharding_reason(q, k, mesh) if mesh is not None else None)
+
+
 def _resolve(impl: str, q, k, v, window_lo, window_hi) -> str:
   """The implementation to run; ValueError when an explicit one cannot serve the input."""
   if impl not in IMPLS:
     raise ValueError(f"attention impl {impl!r} is not available; choose one of: {', '.join(IMPLS)}")
   if impl == "flash":
-    reason = flash.unsupported_reason(q, k, v)
+    reason = _flash_reason(q, k, v)
     if reason:
       raise ValueError(f"attention impl 'flash' cannot serve this input: {reason}")
   elif impl == "splash":
@@ -45,7 +52,7 @@ def _resolve(impl: str, q, k, v, window_lo, window_hi) -> str:
     if backend != "tpu":
       impl, reason = "dense", f"backend is {backend}; the flash kernel runs natively on TPU only"
     else:
-      reason = flash.unsupported_reason(q, k, v)
+      reason = _flash_reason(q, k, v)
       impl, reason = ("dense", f"flash cannot serve this input: {reason}") if reason else (
           "flash", "backend is tpu")
     _log_once(impl, reason)

@@ -399,20 +399,33 @@ def flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, scale=None, b
   return out.transpose(0, 2, 1, 3)[:, :length]
 
 
+def _mesh_axes(mesh):
+  """(batch axes, head axis or None) of `mesh` that flash shards over."""
+  batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  return batch_axes, HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
+
+
+def sharding_reason(q, k, mesh):
+  """Why these shapes cannot be split over `mesh` the way flash shards them, or None."""
+  batch_axes, head_axis = _mesh_axes(mesh)
+  batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
+  head_shards = mesh.shape[head_axis] if head_axis else 1
+  if q.shape[0] % batch_shards:
+    return f"batch {q.shape[0]} does not split over mesh axes {batch_axes} ({batch_shards} shards)"
+  if q.shape[2] % head_shards or k.shape[2] % head_shards:
+    return (f"heads {q.shape[2]} and kv heads {k.shape[2]} must both split over mesh axis "
+            f"{head_axis!r} ({head_shards} shards)")
+  return None
+
+
 def sharded_flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, mesh, scale=None,
                             block_q=128, block_kv=128, max_steps=None, interpret=None):
   """flash_attention under shard_map: batch over the mesh's ("data", "fsdp") axes, heads over
   "tensor" (whichever of them the mesh has). Each shard computes its own block schedules."""
-  batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  head_axis = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
-  batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
-  head_shards = mesh.shape[head_axis] if head_axis else 1
-  if q.shape[0] % batch_shards:
-    raise ValueError(f"flash attention: batch {q.shape[0]} does not split over mesh axes "
-                     f"{batch_axes} ({batch_shards} shards)")
-  if q.shape[2] % head_shards or k.shape[2] % head_shards:
-    raise ValueError(f"flash attention: heads {q.shape[2]} and kv heads {k.shape[2]} must both "
-                     f"split over mesh axis {head_axis!r} ({head_shards} shards)")
+  reason = sharding_reason(q, k, mesh)
+  if reason:
+    raise ValueError(f"flash attention: {reason}")
+  batch_axes, head_axis = _mesh_axes(mesh)
   batch_spec = batch_axes or None
   heads_spec = P(batch_spec, None, head_axis, None)
   vector_spec = P(batch_spec, None)
