@@ -214,7 +214,7 @@ def schedules(seg, lo, hi, block_q, block_kv):
 def test_block_schedules(layout):
   rng = np.random.default_rng(sorted(LAYOUTS).index(layout))
   totals = []
-  for length in (128, 384, 1024):
+  for length in (128, 384, 1024, 2048):  # 2048: where bounding ranges exceed the minimum
     seg, lo, hi = random_layout(rng, 3, length, **LAYOUTS[layout])
     for block_q, block_kv in BLOCKS:
       fwd, bwd = schedules(seg, lo, hi, block_q, block_kv)
