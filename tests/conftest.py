@@ -9,3 +9,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def easy_vqa_dir(tmp_path_factory):
+  """The whole easy_vqa dataset built once per session (array_record; a few seconds)."""
+  from mma_jax.data.builder_utils import prepare
+  data_dir = tmp_path_factory.mktemp("tfds")
+  prepare("easy_vqa", data_dir)
+  return data_dir

@@ -1,0 +1,83 @@
+"""Image preprocessing for the vision towers: decode to RGB, bicubic resize, normalise per tower.
+
+Inputs may be encoded bytes (what the llava_instruct and image_captions builders store), a file
+path, or an already decoded uint8 array (tfds Image features, as in easy_vqa). A file that is
+missing or cannot be decoded raises `ImageError` naming the input; its `reason` is the key the
+pipeline counts skipped examples by.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+# Per-channel (mean, std) applied after scaling pixels to [0, 1], as the HF image processors do.
+NORMALIZATION = {
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+
+
+class ImageError(ValueError):
+  """An image that cannot be used; `reason` is `missing_image_file` or `undecodable_image`."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+def _describe(image, name: str | None) -> str:
+  if name:
+    return repr(name)
+  if isinstance(image, (str, os.PathLike)):
+    return repr(os.fspath(image))
+  if isinstance(image, bytes):
+    return f"<{len(image)} encoded bytes>"
+  return f"<{type(image).__name__}>"
+
+
+def decode_rgb(image, name: str | None = None) -> Image.Image:
+  """bytes | path | uint8 array [H, W(, C)] -> an RGB PIL image. `name` labels errors."""
+  label = _describe(image, name)
+  if isinstance(image, np.ndarray):
+    return _array_to_rgb(image, label)
+  try:
+    if isinstance(image, (str, os.PathLike)):
+      if not os.path.isfile(image):
+        raise ImageError("missing_image_file", f"image file {label} does not exist")
+      with Image.open(image) as pil:
+        return pil.convert("RGB")    # convert() loads the pixels, so decode errors surface here
+    if isinstance(image, (bytes, bytearray, memoryview)):
+      with Image.open(io.BytesIO(image)) as pil:
+        return pil.convert("RGB")
+  except ImageError:
+    raise
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ImageError("undecodable_image", f"cannot decode image {label}: {e}") from None
+  raise ImageError("undecodable_image", f"image {label} is not bytes, a path or an array")
+
+
+def _array_to_rgb(array: np.ndarray, label: str) -> Image.Image:
+  if array.dtype != np.uint8 or array.ndim not in (2, 3):
+    raise ImageError("undecodable_image", f"image {label} must be a uint8 [H, W] or [H, W, C] "
+                     f"array, got {array.dtype} {array.shape}")
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.ndim == 3 and array.shape[-1] not in (3, 4):
+    raise ImageError("undecodable_image", f"image {label} has {array.shape[-1]} channels")
+  return Image.fromarray(array).convert("RGB")
+
+
+def preprocess(image, size: int, norm: str, name: str | None = None) -> np.ndarray:
+  """Any accepted image -> float32 [size, size, 3]: RGB, bicubic resize, (x / 255 - mean) / std."""
+  if norm not in NORMALIZATION:
+    raise ValueError(f"unknown image normalisation {norm!r}; choose one of: "
+                     f"{', '.join(NORMALIZATION)}")
+  rgb = decode_rgb(image, name)
+  if rgb.size != (size, size):
+    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+  mean, std = NORMALIZATION[norm]
+  pixels = np.asarray(rgb, np.float32) / 255.0
+  return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

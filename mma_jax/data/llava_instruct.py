@@ -1,0 +1,118 @@
+"""tfds builder `llava_instruct`: LLaVA-format instruction data from a manual directory.
+
+manual_dir holds `{split}.json` for any of the splits train, validation, test (e.g.
+llava_instruct_150k.json saved as train.json) and an `images/` folder the rows' image paths are
+relative to (e.g. a link to COCO train2017). A row is
+
+    {"id": "...", "image": "a.jpg" (or a list of paths, or absent for text only),
+     "conversations": [{"from": "human", "value": "<image>\\nWhat ..."}, {"from": "gpt", ...}, ...]}
+
+Conversations are kept whole (every turn). Rows that cannot be laid out are skipped at build time,
+counted by reason in `info.metadata` (see builder_utils): malformed_row, unknown_role, the layout's
+conversation checks (bad_turn_order, missing_answer, empty_answer, image_count_mismatch, ...),
+missing_image_file, undecodable_image.
+
+Features: id, images (the encoded image files, in placeholder order), image_files, conversations
+{role: "user" | "assistant", content}.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from mma_jax.data.builder_utils import SPLITS, RowError, SplitTally, checked_image_bytes
+from mma_jax.data.images import ImageError
+from mma_jax.layout import Conversation, ConversationError
+from mma_jax.layout import _check_conversation as check_conversation   # the layout's own rules
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def parse_row(row) -> tuple[str | None, list[str], list[tuple[str, str]]]:
+  """A LLaVA row -> (id, image paths, [(role, content)]); raises RowError or ConversationError."""
+  if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
+    raise RowError("malformed_row", "a row must be an object with a 'conversations' list")
+  image = row.get("image")
+  images = [] if image is None else [image] if isinstance(image, str) else image
+  if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+    raise RowError("malformed_row", f"'image' must be a path or a list of paths, got {image!r}")
+  turns = []
+  for i, turn in enumerate(row["conversations"]):
+    if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)
+            and isinstance(turn.get("value"), str)):
+      raise RowError("malformed_row", f"turn {i} must have string 'from' and 'value', got {turn!r}")
+    if turn["from"] not in ROLES:
+      raise RowError("unknown_role", f"turn {i} is from {turn['from']!r}; known: {', '.join(ROLES)}")
+    turns.append((ROLES[turn["from"]], turn["value"]))
+  check_conversation(Conversation(turns, num_images=len(images)), generation_prompt=False)
+  row_id = row.get("id")
+  return (None if row_id is None else str(row_id)), images, turns
+
+
+class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
+  """LLaVA-format conversations with their images, from manual_dir."""
+
+  code_path = epath.Path(__file__)   # see easy_vqa.py: avoids the missing importlib_resources
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Whole multi-turn, multi-image conversations."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  Put `train.json` (and optionally `validation.json`, `test.json`) in LLaVA format, e.g.
+  llava_instruct_150k.json, into manual_dir, with an `images/` folder the rows' "image" paths are
+  relative to (for LLaVA-Instruct-150k: a link to COCO train2017).
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+            "image_files": tfds.features.Sequence(tfds.features.Text()),
+            "conversations": tfds.features.Sequence({
+                "role": tfds.features.Text(),
+                "content": tfds.features.Text(),
+            }),
+        }),
+        metadata=tfds.core.MetadataDict(),
+        homepage="https://llava-vl.github.io/",
+    )
+
+  def _split_generators(self, dl_manager):
+    manual_dir = pathlib.Path(dl_manager.manual_dir)
+    files = {split: manual_dir / f"{split}.json" for split in SPLITS}
+    found = {split: path for split, path in files.items() if path.is_file()}
+    if not found:
+      raise FileNotFoundError(f"llava_instruct: manual_dir '{manual_dir}' holds none of "
+                              f"{', '.join(p.name for p in files.values())}")
+    return {split: self._generate_examples(split, path, manual_dir / "images")
+            for split, path in found.items()}
+
+  def _generate_examples(self, split: str, path: pathlib.Path, images_dir: pathlib.Path):
+    try:
+      rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"llava_instruct: '{path}' is not valid JSON: {e}") from None
+    if not isinstance(rows, list):
+      raise ValueError(f"llava_instruct: '{path}' must hold a JSON list of rows")
+    tally = SplitTally(self, split, path)
+    for index, row in enumerate(rows):
+      label = f"{index}" + (f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else "")
+      try:
+        row_id, image_files, turns = parse_row(row)
+        images = [checked_image_bytes(images_dir / f) for f in image_files]
+      except (RowError, ConversationError, ImageError) as e:
+        tally.skip(label, e.reason, str(e))
+        continue
+      tally.kept += 1
+      yield index, {
+          "id": row_id if row_id is not None else str(index),
+          "images": images,
+          "image_files": image_files,
+          "conversations": [{"role": role, "content": content} for role, content in turns],
+      }
+    tally.finish()
