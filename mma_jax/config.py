@@ -137,10 +137,15 @@ class OriginConfig:
 @dataclass
 class ModelConfig:
   llm: LLMConfig = field(default_factory=LLMConfig)
-  vision: VisionConfig | None = None    # None (with connector None): a text-only LLM
+  vision: VisionConfig | None = None    # with a connector: an MLLM; alone: a vision tower
   connector: ConnectorConfig | None = None
   freeze_vision: bool = True             # AKI and LLaVA train everything but the tower
   origin: OriginConfig = field(default_factory=OriginConfig)
+
+  @property
+  def kind(self) -> str:
+    """'mllm' (vision + connector + llm), 'vision' (a tower alone) or 'llm' (text only)."""
+    return "mllm" if self.connector else "vision" if self.vision else "llm"
   dtype: Literal["float32", "bfloat16"] = "float32"        # compute dtype
   param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
   scan_layers: bool = False              # lax.scan over the stacked decoder layers
@@ -181,7 +186,12 @@ class DataConfig:
   packing: bool = True
   too_long: Literal["truncate", "drop"] = "truncate"
   seed: int = 0
-  num_workers: int = 0
+  num_workers: int = 0                   # grain worker processes (0: reader threads only)
+  read_threads: int = 8                  # reader threads per process
+  images_per_row: int = 4                # image slots N of a row; examples with more are skipped
+  image_size: int = 0                    # 0 = model.vision.image_size
+  image_norm: Literal["auto", "siglip", "clip"] = "auto"   # auto = model.vision.family
+  pack_window: int = 128                 # examples first-fit packed together
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -395,8 +405,8 @@ def validate(config: Config) -> None:
     validate_vision(m.vision)
   if m.connector is not None:
     validate_connector(m.connector)
-  _check((m.vision is None) == (m.connector is None), "model.connector" if m.vision else
-         "model.vision", "a multimodal model needs both model.vision and model.connector")
+  _check(m.connector is None or m.vision is not None, "model.vision",
+         "model.connector needs a vision tower: add a model.vision section")
   a = config.attention
   for name in ("block_q", "block_kv"):
     size = getattr(a, name)

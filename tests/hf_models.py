@@ -33,9 +33,45 @@ def save_tiny_llm(family: str, directory: pathlib.Path, seed: int = 0, **overrid
   torch.manual_seed(seed)
   config = tiny_llm_config(family, **overrides)
   model = transformers.AutoModelForCausalLM.from_config(config).eval()
-  with torch.no_grad():  # non-trivial norms and biases, so that a swapped key shows up
+  _perturb_norms_and_biases(model)  # so that a swapped norm or bias key shows up
+  model.save_pretrained(directory)
+  return model
+
+
+def _perturb_norms_and_biases(model) -> None:
+  with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("norm.weight") or name.endswith(".bias"):
+      if "norm" in name or name.endswith(".bias"):
         p.add_(0.1 * torch.randn_like(p))
+
+
+def tiny_llava_config(**overrides) -> transformers.LlavaConfig:
+  text = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, pad_token_id=0)
+  vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=24,
+                                         num_hidden_layers=3, num_attention_heads=2,
+                                         image_size=28, patch_size=7)
+  return transformers.LlavaConfig(text_config=text, vision_config=vision,
+                                  image_token_index=95, **overrides)
+
+
+def save_tiny_llava(directory: pathlib.Path, seed: int = 0, **overrides):
+  """A tiny LlavaForConditionalGeneration (CLIP tower, 16 patches + CLS, layer -2)."""
+  torch.manual_seed(seed)
+  model = transformers.LlavaForConditionalGeneration(tiny_llava_config(**overrides)).eval()
+  _perturb_norms_and_biases(model)
+  model.save_pretrained(directory)
+  return model
+
+
+def save_tiny_tower(family: str, directory: pathlib.Path, seed: int = 0):
+  torch.manual_seed(seed)
+  kw = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+            image_size=28, patch_size=7)
+  model = (transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**kw))
+           if family == "siglip" else
+           transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**kw))).eval()
+  _perturb_norms_and_biases(model)
   model.save_pretrained(directory)
   return model

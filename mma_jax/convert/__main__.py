@@ -1,8 +1,13 @@
-"""python -m mma_jax.convert {import,export,verify} --format FMT ...
+"""python -m mma_jax.convert {import,export,verify,assemble} ...
 
-  import  --src HF_DIR --dst CKPT_DIR [--dtype bf16|f32] [--allow-pickle]
-  export  --src CKPT_DIR --dst HF_DIR [--dtype bf16|f32]
-  verify  --src HF_DIR [--seq-len N] [--batch B] [--tol T]   (last line: max_abs_logit_diff=<float>)
+  import    --format FMT --src HF_DIR --dst CKPT_DIR [--dtype bf16|f32] [--allow-pickle]
+  export    --format FMT --src CKPT_DIR --dst HF_DIR [--dtype bf16|f32]
+  verify    --format FMT --src HF_DIR [--seq-len N] [--batch B] [--tol T]
+            (last line: max_abs_logit_diff=<float>; exit 1 above --tol)
+  assemble  --llm HF_DIR --vision HF_DIR --connector perceiver|mlp --dst CKPT_DIR [--add-tokens N]
+
+Formats: hf-llm (Llama/Qwen2/Phi-3), hf-vision (SigLIP/CLIP tower), llava, aki (AKI needs its
+base models' config.json files: --llm-config, --vision-config, or a local HF cache).
 """
 from __future__ import annotations
 
@@ -34,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument("--batch", type=int, default=2)
       p.add_argument("--seed", type=int, default=0)
       p.add_argument("--tol", type=float, default=1e-4)
+  p = sub.add_parser("assemble")
+  p.add_argument("--llm", required=True, help="an HF LLM directory (hf-llm)")
+  p.add_argument("--vision", required=True, help="an HF SigLIP/CLIP directory (hf-vision)")
+  p.add_argument("--connector", required=True, choices=("perceiver", "mlp"))
+  p.add_argument("--dst", required=True)
+  p.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
+  p.add_argument("--add-tokens", type=int, default=0,
+                 help="new embedding rows for added special tokens (e.g. <image>)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--allow-pickle", action="store_true")
   return parser
 
 
@@ -52,10 +67,15 @@ def main(argv=None) -> int:
   from mma_jax.convert.safetensors_io import CheckpointError
 
   try:
-    fmt = ops.get_format(args.format)
+    fmt = ops.get_format(args.format) if args.command != "assemble" else None
     if args.command == "import":
       out = ops.import_checkpoint(fmt, args.src, args.dst, dtype=args.dtype,
                                   allow_pickle=args.allow_pickle, **_base_configs(args))
+      print(f"wrote {out}")
+    elif args.command == "assemble":
+      out = ops.assemble(args.llm, args.vision, args.connector, args.dst, dtype=args.dtype,
+                         add_tokens=args.add_tokens, seed=args.seed,
+                         allow_pickle=args.allow_pickle)
       print(f"wrote {out}")
     elif args.command == "export":
       print(f"wrote {ops.export_checkpoint(fmt, args.src, args.dst, dtype=args.dtype)}")

@@ -1,4 +1,4 @@
-"""The conversion operations, generic over formats: import, export, verify."""
+"""The conversion operations, generic over formats: import, export, verify; and assemble."""
 from __future__ import annotations
 
 import json
@@ -8,15 +8,19 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from mma_jax.config import Config, ConfigError
+from mma_jax.config import Config, ConfigError, ConnectorConfig, ModelConfig, OriginConfig, validate
 from mma_jax.convert.formats import Format
+from mma_jax.convert.llava import LLAVA
 from mma_jax.convert.llm import HF_LLM
 from mma_jax.convert.safetensors_io import CheckpointError, HFCheckpoint, write_safetensors
 from mma_jax.convert.store import load_model, save_model
-from mma_jax.convert.transfer import build_with_params, export_params, import_params, param_shapes
+from mma_jax.convert.transfer import (build_with_params, export_params, import_params,
+                                     module_params, param_shapes)
+from mma_jax.convert.vision import HF_VISION
 from mma_jax.models import build_model
+from mma_jax.models.connector import build_connector
 
-FORMATS: dict[str, Format] = {f.name: f for f in (HF_LLM,)}
+FORMATS: dict[str, Format] = {f.name: f for f in (HF_LLM, HF_VISION, LLAVA)}
 DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16}
 
 
@@ -78,3 +82,36 @@ def verify(fmt: Format, src, *, seq_len: int, batch: int, seed: int = 0,
   if ours.shape != ref.shape:
     raise CheckpointError(f"logits shapes differ: ours {ours.shape}, reference {ref.shape}")
   return float(np.max(np.abs(ours - ref)[valid]))
+
+
+def assemble(llm_src, vision_src, connector: str, dst, *, dtype: str = "f32", add_tokens: int = 0,
+             seed: int = 0, allow_pickle: bool = False) -> pathlib.Path:
+  """A fresh MLLM, the start of pre-training: an HF LLM + an HF vision tower (each family's usual
+  feature selection) + a newly initialised connector; `add_tokens` appends rows to the LLM's
+  embedding (and head) for special tokens such as <image>."""
+  llm_config, llm_params = read_hf(HF_LLM, llm_src, allow_pickle=allow_pickle, dtype=np.float32)
+  tower_config, tower_params = read_hf(HF_VISION, vision_src, allow_pickle=allow_pickle,
+                                       dtype=np.float32)
+  llm, vision = llm_config.model.llm, tower_config.model.vision
+  rng = np.random.default_rng(seed)
+  if add_tokens:
+    llm.vocab_size += add_tokens
+    new_rows = lambda n: rng.normal(0.0, 0.02, (add_tokens, n)).astype(np.float32)
+    table = llm_params["embed.embedding"]
+    llm_params["embed.embedding"] = np.concatenate([table, new_rows(table.shape[1])])
+    if "lm_head.kernel" in llm_params:
+      head = llm_params["lm_head.kernel"]
+      llm_params["lm_head.kernel"] = np.concatenate([head, new_rows(head.shape[0]).T], axis=1)
+  connector_cfg = ConnectorConfig(type=connector)
+  fresh = build_connector(connector_cfg, vision.hidden_size, llm.hidden_size,
+                          rngs=nnx.Rngs(int(rng.integers(2**31))))
+  config = Config(model=ModelConfig(llm=llm, vision=vision, connector=connector_cfg,
+                                    origin=OriginConfig(format="assembled")))
+  config.attention.mask = "causal"  # pre-training is causal (DESIGN.md §1)
+  validate(config)
+  params = {**{f"llm.{k}": v for k, v in llm_params.items()},
+            **{f"vision.{k}": v for k, v in tower_params.items()},
+            **{f"connector.{k}": v for k, v in module_params(fresh).items()}}
+  params = {k: v.astype(DTYPES[dtype]) for k, v in params.items()}
+  config.model.param_dtype = "bfloat16" if dtype == "bf16" else "float32"
+  return save_model(dst, params, config)

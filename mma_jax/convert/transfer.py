@@ -123,3 +123,9 @@ def build_with_params(build, params: Mapping[str, np.ndarray]) -> nnx.Module:
   values = {p: jax.numpy.asarray(params[p], dtype=dt) for p, (_, dt) in shapes.items()}
   nnx.replace_by_pure_dict(state, nest(values))
   return nnx.merge(graphdef, state)
+
+
+def module_params(module: nnx.Module) -> dict[str, np.ndarray]:
+  """{path: numpy array} of a live module's parameters (paths as in `param_shapes`)."""
+  return {".".join(map(str, path)): np.asarray(v.get_value())
+          for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}

@@ -1,5 +1,5 @@
 """HF vision towers (SigLIP, CLIP) and the connectors (AKI Perceiver, LLaVA projector) <-> ours:
-config translation and key maps.
+config translation, key maps, and the `hf-vision` format (a tower alone).
 
 Rules here are relative: a format places them under its prefixes with `keymap.prefixed` (AKI:
 `vision_encoder.` + tower rules, `vision_tokenizer.` + Perceiver rules; LLaVA: `vision_tower.` +
@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from mma_jax.config import ConfigError, ConnectorConfig, VisionConfig, validate_vision
+import numpy as np
+
+from mma_jax.config import (Config, ConfigError, ConnectorConfig, ModelConfig, OriginConfig,
+                            VisionConfig, validate_vision)
+from mma_jax.convert.formats import Format, read_json
 from mma_jax.convert.keymap import IDENTITY, LINEAR, Hook, Rule, expand, prefixed, split_rows
 from mma_jax.convert.safetensors_io import CheckpointError
 
@@ -235,3 +239,48 @@ def mlp_projector_config_from_hf(llava_hf: dict) -> ConnectorConfig:
                       f"(supported: {', '.join(HIDDEN_ACTS)})")
   return ConnectorConfig(type="mlp", mlp_act=HIDDEN_ACTS[act],
                          mlp_bias=bool(llava_hf.get("multimodal_projector_bias", True)))
+
+
+# ------------------------------------------------------------------------- the hf-vision format
+def _strip_vision_model(key: str) -> str:
+  # transformers 4 saved standalone towers under `vision_model.`; 5 does not.
+  return key[len("vision_model."):] if key.startswith("vision_model.") else key
+
+
+def _read_tower_config(src, **_) -> Config:
+  return Config(model=ModelConfig(vision=vision_config_from_hf(read_json(src)),
+                                  origin=OriginConfig(format="hf-vision")))
+
+
+def _compare_tower(src, model, config: Config, seq_len: int, batch: int, seed: int):
+  """Selected features of the HF tower vs ours on random images (seq_len is unused)."""
+  import torch
+  import transformers
+
+  del seq_len
+  cfg = config.model.vision
+  images = np.random.default_rng(seed).standard_normal(
+      (batch, cfg.image_size, cfg.image_size, cfg.num_channels)).astype(np.float32)
+  cls = getattr(transformers, HF_VISION_ARCHITECTURES[cfg.family])
+  reference = cls.from_pretrained(src, dtype=torch.float32).eval()
+  with torch.no_grad():
+    out = reference(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+                    output_hidden_states=True)
+  hidden = out.hidden_states[cfg.layers_to_run]
+  if cfg.post_norm:  # transformers 5 towers hold their layers directly (no `.vision_model`)
+    with torch.no_grad():
+      hidden = getattr(reference, "vision_model", reference).post_layernorm(hidden)
+  ref = hidden.numpy()[:, int(cfg.drop_cls):]
+  ours = np.asarray(model(images))
+  return ours, ref, np.ones(ours.shape[:2], bool)
+
+
+HF_VISION = Format(
+    name="hf-vision",
+    read_config=_read_tower_config,
+    hf_files=lambda c: {"config.json": vision_config_to_hf(c.model.vision)},
+    entries=lambda c: expand(vision_rules(c.model.vision), c.model.vision.num_layers),
+    ignored=lambda c: vision_ignored(c.model.vision) + FULL_MODEL_EXTRAS,
+    compare=_compare_tower,
+    rename=_strip_vision_model,
+)

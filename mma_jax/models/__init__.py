@@ -6,12 +6,16 @@ from flax import nnx
 from mma_jax.config import Config
 from mma_jax.models.llm import DecoderLLM
 from mma_jax.models.mllm import MultimodalDecoder
+from mma_jax.models.vision import VisionTower
 
 
 def build_model(config: Config, rngs: nnx.Rngs) -> nnx.Module:
   """The model a config describes, with its attention impl, dtypes and layer scanning."""
   m = config.model
-  if m.vision is not None:
+  if m.kind == "mllm":
     return MultimodalDecoder(m, impl=config.attention.impl, rngs=rngs)
+  if m.kind == "vision":
+    return VisionTower(m.vision, dtype=m.dtype, param_dtype=m.param_dtype,
+                       scan_layers=m.scan_layers, rngs=rngs)
   return DecoderLLM(m.llm, impl=config.attention.impl, dtype=m.dtype, param_dtype=m.param_dtype,
                     scan_layers=m.scan_layers, rngs=rngs)

@@ -1,0 +1,459 @@
+"""The grain input pipeline: data source -> examples -> packed or padded rows -> batches.
+
+    source (tfds.data_source or any len/getitem source)
+      [this process's shard] -> shuffle (a new order every epoch) -> repeat
+      -> MakeExample: read the record, lay out the conversation or caption, truncate or drop
+         what is too long, decode + resize + normalise its images       (reader threads, or
+         worker processes with num_workers > 0: they see the same elements in the same order)
+      -> RowIterator: windows of `pack_window` examples, first-fit packed into rows (or one per
+         padded row); counts kept, truncated and skipped examples        (main process)
+      -> BatchIterator: batch_size rows stacked into the batch contract  (main process)
+
+Batches (DESIGN.md §2), per process: tokens, positions, segment_ids, window_lo, window_hi,
+targets, image_token_index int32 [B, L]; loss_mask float32 [B, L]; images float32
+[B, N, H, W, 3] (N = images_per_row); image_valid bool [B, N]. The last batch of a finite run is
+completed with all-padding rows (no example is dropped).
+
+Bad data never stops a run: MakeExample turns an example it cannot use into a skip record, and
+RowIterator counts it under its reason with one warning naming the example. The counts are
+`iterator.counts`, logged when the data ends, and part of the iterator state.
+
+The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (JSON-able dicts), or
+orbax with `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`. A restored
+iterator continues with exactly the batches the original would have produced. The state holds the
+reader position at the start of the current packing window, the rows of that window already
+returned and the counts then; restoring re-reads that one window.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from typing import Any, Callable
+
+import grain
+import numpy as np
+
+from mma_jax.data import packing
+from mma_jax.data.images import NORMALIZATION, ImageError, preprocess
+from mma_jax.layout import ChatLayout, Conversation, ConversationError
+
+logger = logging.getLogger(__name__)
+
+VQA_PROMPT = "Answer the question using a single word or phrase. {question}"   # DESIGN.md §7
+
+
+# ------------------------------------------------------------------------------- records -> inputs
+@dataclasses.dataclass
+class LayoutInput:
+  """What one record asks the layout for: a conversation or a caption, and its raw images."""
+  id: str
+  images: list
+  conversation: Conversation | None = None
+  caption: str | None = None
+
+
+def _text(value) -> str:
+  """tfds Text features read back as bytes; in-memory sources may hold str."""
+  if isinstance(value, (bytes, np.bytes_)):
+    return bytes(value).decode("utf-8")
+  if isinstance(value, str):
+    return value
+  raise TypeError(f"expected text, got {type(value).__name__}")
+
+
+def easy_vqa_input(record) -> LayoutInput:
+  question = _text(record["question"])
+  conversation = Conversation(
+      [("user", "<image>\n" + VQA_PROMPT.format(question=question)),
+       ("assistant", _text(record["answer"]))], num_images=1)
+  return LayoutInput(f"image {int(record['image_id'])}: {question!r}", [record["image"]],
+                     conversation=conversation)
+
+
+def llava_instruct_input(record) -> LayoutInput:
+  turns = record["conversations"]
+  roles, contents = turns["role"], turns["content"]
+  if len(roles) != len(contents):
+    raise TypeError("conversations hold different numbers of roles and contents")
+  images = list(record["images"])
+  conversation = Conversation([(_text(r), _text(c)) for r, c in zip(roles, contents)],
+                              num_images=len(images))
+  return LayoutInput(_text(record["id"]), images, conversation=conversation)
+
+
+def image_captions_input(record) -> LayoutInput:
+  return LayoutInput(_text(record["image_file"]), [record["image"]],
+                     caption=_text(record["caption"]))
+
+
+# Which reader turns a record of each dataset (the builders' features) into a layout input.
+READERS: dict[str, Callable[[Any], LayoutInput]] = {
+    "easy_vqa": easy_vqa_input,
+    "llava_instruct": llava_instruct_input,
+    "image_captions": image_captions_input,
+}
+
+
+# ---------------------------------------------------------------------------- record -> example
+class SkipExample(ValueError):
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+class MakeExample(grain.transforms.Map):
+  """Record -> example dict (packing.TOKEN_FIELDS [L], images [n, S, S, 3] float32, truncated,
+  id) or a skip record {skip: reason, id, message}. Module level and picklable: worker processes
+  receive it; the tokenizer and layout are built lazily in each process."""
+
+  def __init__(self, *, dataset: str, tokenizer, template: str, mask_mode: str,
+               num_image_tokens: int, max_length: int, too_long: str, images_per_row: int,
+               image_size: int, image_norm: str):
+    self.read = READERS[dataset]
+    self.tokenizer, self.template, self.mask_mode = tokenizer, template, mask_mode
+    self.num_image_tokens, self.max_length, self.too_long = num_image_tokens, max_length, too_long
+    self.images_per_row, self.image_size, self.image_norm = images_per_row, image_size, image_norm
+    self._layout = None
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ("_layout", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _layout=None, _lock=threading.Lock())
+
+  def layout(self) -> ChatLayout:
+    with self._lock:
+      if self._layout is None:
+        tokenizer = self.tokenizer
+        if isinstance(tokenizer, str):   # a tokenizer source: "gpt2" or a local directory
+          from mma_jax.data.tokenizer import load_tokenizer
+          tokenizer, _ = load_tokenizer(tokenizer, self.template)
+        self._layout = ChatLayout(self.template, tokenizer, self.num_image_tokens, self.mask_mode)
+      return self._layout
+
+  def map(self, record):
+    label = "?"
+    try:
+      try:
+        item = self.read(record)
+      except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise SkipExample("malformed_row", f"cannot read the record: {e!r}") from None
+      label = item.id
+      return self.example(item)
+    except (SkipExample, ConversationError, ImageError) as e:
+      return {"skip": e.reason, "id": label, "message": str(e)}
+    except Exception as e:  # noqa: BLE001  a long run outlives one bad example; it is counted
+      return {"skip": f"unexpected_{type(e).__name__}", "id": label, "message": repr(e)}
+
+  def example(self, item: LayoutInput) -> dict:
+    layout = self.layout()
+    with self._lock:   # a fast tokenizer must not be called from two threads at once
+      if item.caption is not None:
+        example = layout.caption(item.caption, num_images=len(item.images))
+      else:
+        example = layout.conversation(item.conversation)
+    fields = packing.example_fields(example)
+    truncated = example.length > self.max_length
+    if truncated:
+      fields = (packing.truncate_answer(fields, self.max_length)
+                if self.too_long == "truncate" else None)
+      if fields is None:
+        how = "data.too_long=drop" if self.too_long == "drop" else "no answer token fits"
+        raise SkipExample("too_long", f"{example.length} tokens exceed max_length "
+                          f"{self.max_length} ({how})")
+    count = packing.num_images(fields, self.num_image_tokens)
+    if count > self.images_per_row:
+      raise SkipExample("too_many_images", f"{count} images exceed images_per_row "
+                        f"{self.images_per_row}")
+    images = np.zeros((count, self.image_size, self.image_size, 3), np.float32)
+    for k in range(count):   # images of turns cut off by truncation are never decoded
+      images[k] = preprocess(item.images[k], self.image_size, self.image_norm,
+                             name=f"{item.id} image {k}")
+    return {**fields, "images": images, "truncated": truncated, "id": item.id}
+
+
+# -------------------------------------------------------------------------------------- counts
+@dataclasses.dataclass
+class DataCounts:
+  """Examples that reached a row (of which truncated), skipped ones by reason, rows made."""
+  examples: int = 0
+  truncated: int = 0
+  rows: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def to_json(self) -> dict:
+    return {"examples": self.examples, "truncated": self.truncated, "rows": self.rows,
+            "skipped": dict(sorted(self.skipped.items()))}
+
+  @classmethod
+  def from_json(cls, state: dict) -> DataCounts:
+    return cls(state["examples"], state["truncated"], state["rows"],
+               collections.Counter(state["skipped"]))
+
+  def copy(self) -> DataCounts:
+    return DataCounts.from_json(self.to_json())
+
+  def summary(self) -> str:
+    skipped = sum(self.skipped.values())
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items())) or "none"
+    return (f"{self.examples} examples in {self.rows} rows ({self.truncated} truncated); "
+            f"{skipped} skipped ({reasons})")
+
+
+# --------------------------------------------------------------------------------------- rows
+class RowIterator(grain.DatasetIterator):
+  """Example records -> rows (packing.TOKEN_FIELDS [L], images [N, S, S, 3], image_valid [N]).
+
+  Reads `window` records at a time and first-fit packs the usable ones (or gives each its own
+  row); rows leave in the order they were opened. The state is the parent's state at the start
+  of the current window, how many of its rows were returned, and the counts then."""
+
+  def __init__(self, parent: grain.DatasetIterator, *, packing: bool, max_length: int,
+               num_image_tokens: int, images_per_row: int, image_size: int, window: int):
+    super().__init__(parent)
+    self.packing, self.max_length, self.window = packing, max_length, window
+    self.num_image_tokens, self.images_per_row = num_image_tokens, images_per_row
+    self.image_shape = (images_per_row, image_size, image_size, 3)
+    self.counts = DataCounts()
+    self._pending: collections.deque[list[dict]] = collections.deque()  # rows as their examples
+    self._window_start = None
+    self._counts_at_window_start = self.counts.copy()
+    self._rows_returned = 0     # rows of the current window returned so far
+    self._replay = 0            # after set_state: rows of the re-read window to pass over
+    self._ended = False
+    self._summarized = False
+
+  def __next__(self) -> dict:
+    while not self._pending:
+      self._read_window()
+    self._rows_returned += 1
+    self.counts.rows += 1
+    return self._make_row(self._pending.popleft())
+
+  def _read_window(self) -> None:
+    if self._ended:
+      self._finish()
+    self._window_start = self._parent.get_state()
+    self._counts_at_window_start = self.counts.copy()
+    quiet = self._replay > 0    # re-reading after a restore: these lines were logged already
+    records = []
+    for _ in range(self.window):
+      try:
+        record = next(self._parent)
+      except StopIteration:
+        self._ended = True
+        break
+      if "skip" in record:
+        self.counts.skipped[record["skip"]] += 1
+        if not quiet:
+          logger.warning("skipped example %s (%s): %s", record["id"], record["skip"],
+                         record["message"])
+        continue
+      self.counts.examples += 1
+      self.counts.truncated += bool(record["truncated"])
+      if record["truncated"] and not quiet:
+        logger.info("truncated example %s to max_length %d", record["id"], self.max_length)
+      records.append(record)
+    if self.packing:
+      groups = packing.first_fit([len(r["tokens"]) for r in records],
+                                 [len(r["images"]) for r in records],
+                                 self.max_length, self.images_per_row)
+    else:
+      groups = [[i] for i in range(len(records))]
+    self._pending.extend([records[i] for i in group] for group in groups)
+    for _ in range(self._replay):   # returned before the checkpoint
+      self._pending.popleft()
+    self.counts.rows += self._replay
+    self._rows_returned, self._replay = self._replay, 0
+    if self._ended and not self._pending:
+      self._finish()
+
+  def _finish(self):
+    if not self._summarized:
+      logger.info("data ended: %s", self.counts.summary())
+      self._summarized = True
+    raise StopIteration
+
+  def _make_row(self, examples: list[dict]) -> dict:
+    row = packing.merge_row(examples, self.max_length, self.num_image_tokens)
+    row["images"] = np.zeros(self.image_shape, np.float32)
+    row["image_valid"] = np.zeros(self.images_per_row, bool)
+    count = 0
+    for ex in examples:
+      n = len(ex["images"])
+      row["images"][count:count + n] = ex["images"]
+      row["image_valid"][count:count + n] = True
+      count += n
+    return row
+
+  def empty_row(self) -> dict:
+    return self._make_row([])
+
+  def get_state(self) -> dict:
+    if self._pending or self._replay:
+      return {"window_start": self._window_start, "rows_returned": self._rows_returned,
+              "counts": self._counts_at_window_start.to_json()}
+    # Between windows: the next window starts at the parent's current position.
+    return {"window_start": self._parent.get_state(), "rows_returned": 0,
+            "counts": self.counts.to_json()}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["window_start"])
+    self._window_start = state["window_start"]
+    self.counts = DataCounts.from_json(state["counts"])
+    self._counts_at_window_start = self.counts.copy()
+    self._pending.clear()
+    self._replay = self._rows_returned = state["rows_returned"]
+    self._ended = self._summarized = False
+
+
+# ------------------------------------------------------------------------------------ batches
+class BatchIterator(grain.DatasetIterator):
+  """batch_size rows -> one batch of the batch contract; its state is the row iterator's state
+  between batches. `counts` are the pipeline's example counts."""
+
+  def __init__(self, rows: RowIterator, batch_size: int):
+    super().__init__(rows)
+    self.batch_size = batch_size
+
+  @property
+  def counts(self) -> DataCounts:
+    return self._parent.counts
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = []
+    for _ in range(self.batch_size):
+      try:
+        rows.append(next(self._parent))
+      except StopIteration:
+        break
+    if not rows:
+      raise StopIteration
+    rows += [self._parent.empty_row() for _ in range(self.batch_size - len(rows))]
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state)
+
+
+# ----------------------------------------------------------------------------------- pipeline
+class DataPipeline:
+  """A grain pipeline over `source` for one dataset kind (see module docstring).
+
+  source: tfds.data_source(...) of `dataset`, or any len/getitem source of such records.
+  dataset: easy_vqa | llava_instruct | image_captions (how a record is read).
+  tokenizer: a tokenizer, or its source ("gpt2" or a local directory; loaded in each process).
+  num_image_tokens: rows each image becomes in the LLM (the connector's output length).
+  batch_size: rows per batch on this process.
+  packing: first-fit several examples per row; False gives each example its own padded row.
+  too_long: "truncate" (cut inside an answer) or "drop" for examples over max_length.
+  images_per_row: N, the image slots of a row (an example with more is skipped).
+  image_size / image_norm: the tower's input size and normalisation ("siglip" or "clip").
+  seed / shuffle / num_epochs: the order (a new shuffle every epoch); num_epochs None = forever.
+  pack_window: examples packed together (bigger: fuller rows, more memory, slower restore).
+  num_workers: worker processes for MakeExample (0: threads of this process only; the output is
+    the same either way). read_threads: reader threads per process.
+  process_index / process_count: this JAX process's shard (default: jax.process_index/count).
+  """
+
+  def __init__(self, source, *, dataset: str, tokenizer, num_image_tokens: int, batch_size: int,
+               max_length: int = 256, template: str = "phi3", mask_mode: str = "mma",
+               packing: bool = True, too_long: str = "truncate", images_per_row: int = 4,
+               image_size: int = 384, image_norm: str = "siglip", seed: int = 0,
+               shuffle: bool = True, num_epochs: int | None = None, pack_window: int = 128,
+               num_workers: int = 0, read_threads: int = 8, process_index: int | None = None,
+               process_count: int | None = None):
+    checks = {
+        "dataset": (dataset in READERS, f"one of {', '.join(READERS)}"),
+        "too_long": (too_long in ("truncate", "drop"), "truncate or drop"),
+        "image_norm": (image_norm in NORMALIZATION, f"one of {', '.join(NORMALIZATION)}"),
+        "batch_size": (batch_size > 0, "positive"),
+        "max_length": (max_length > 0, "positive"),
+        "num_image_tokens": (num_image_tokens > 0, "positive"),
+        "image_size": (image_size > 0, "positive"),
+        "images_per_row": (images_per_row >= 0, "non-negative"),
+        "pack_window": (pack_window > 0, "positive"),
+        "num_workers": (num_workers >= 0, "non-negative"),
+        "num_epochs": (num_epochs is None or num_epochs > 0, "positive or None (forever)"),
+    }
+    for name, (ok, allowed) in checks.items():
+      if not ok:
+        raise ValueError(f"data pipeline: {name}={locals()[name]!r} must be {allowed}")
+    if process_index is None or process_count is None:
+      import jax
+      process_index, process_count = jax.process_index(), jax.process_count()
+    self.source, self.batch_size, self.packing = source, batch_size, packing
+    self.max_length, self.num_image_tokens = max_length, num_image_tokens
+    self.images_per_row, self.image_size = images_per_row, image_size
+    self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
+    self.pack_window, self.num_workers, self.read_threads = pack_window, num_workers, read_threads
+    self.process_index, self.process_count = process_index, process_count
+    self.make_example = MakeExample(
+        dataset=dataset, tokenizer=tokenizer, template=template, mask_mode=mask_mode,
+        num_image_tokens=num_image_tokens, max_length=max_length, too_long=too_long,
+        images_per_row=images_per_row, image_size=image_size, image_norm=image_norm)
+
+  @classmethod
+  def from_config(cls, config, *, split: str, num_image_tokens: int, training: bool = True,
+                  **overrides) -> DataPipeline:
+    """The pipeline a run config asks for: `config.data` (dataset, data_dir, template, ...),
+    the tower's image size and normalisation (unless data.image_size / data.image_norm say
+    otherwise), the mask mode of `config.attention.mask`, and per-process batch rows from
+    train.batch_size (training: shuffled, forever) or eval.batch_size (one ordered pass)."""
+    import jax
+    import tensorflow_datasets as tfds
+    import mma_jax.data  # noqa: F401  registers the builders with tfds
+    data, vision = config.data, config.model.vision
+    if vision is None and not (data.image_size and data.image_norm != "auto"):
+      raise ValueError("data: a text-only model config needs data.image_size and data.image_norm")
+    global_batch = config.train.batch_size if training else config.eval.batch_size
+    if global_batch % jax.process_count():
+      raise ValueError(f"batch size {global_batch} does not divide over "
+                       f"{jax.process_count()} processes")
+    kwargs = dict(
+        dataset=data.dataset, tokenizer=data.tokenizer, num_image_tokens=num_image_tokens,
+        batch_size=global_batch // jax.process_count(), max_length=data.max_length,
+        template=data.template, mask_mode=config.attention.mask, packing=data.packing,
+        too_long=data.too_long, images_per_row=data.images_per_row,
+        image_size=data.image_size or vision.image_size,
+        image_norm=vision.family if data.image_norm == "auto" else data.image_norm,
+        seed=data.seed, shuffle=training, num_epochs=None if training else 1,
+        pack_window=data.pack_window, num_workers=data.num_workers,
+        read_threads=data.read_threads)
+    kwargs.update(overrides)
+    source = tfds.data_source(data.dataset, split=split, data_dir=data.data_dir or None)
+    return cls(source, **kwargs)
+
+  def examples(self) -> grain.IterDataset:
+    """Example (or skip) records of this process's shard, in order, before packing."""
+    ds = grain.MapDataset.source(self.source)
+    per_process = len(ds) // self.process_count   # equal shards: every process makes as many
+    if per_process == 0:
+      raise ValueError(f"data: {len(ds)} records cannot be shared by {self.process_count} "
+                       "processes")
+    ds = ds[self.process_index:per_process * self.process_count:self.process_count]
+    if self.shuffle:
+      ds = ds.shuffle(seed=self.seed)
+    ds = ds.repeat(self.num_epochs).map(self.make_example)
+    options = grain.ReadOptions(num_threads=self.read_threads,
+                                prefetch_buffer_size=self.pack_window)
+    records = ds.to_iter_dataset(options)
+    if self.num_workers:
+      from absl import flags
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()   # grain reads absl flags in its worker processes
+      records = records.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+    return records
+
+  def __iter__(self) -> BatchIterator:
+    rows = RowIterator(iter(self.examples()), packing=self.packing, max_length=self.max_length,
+                       num_image_tokens=self.num_image_tokens,
+                       images_per_row=self.images_per_row, image_size=self.image_size,
+                       window=self.pack_window)
+    return BatchIterator(rows, self.batch_size)

@@ -1,0 +1,109 @@
+"""MultimodalDecoder: image rows land where image_token_index says, a frozen tower gets no
+gradient; hf-vision conversion and assembling a fresh MLLM."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_models import save_tiny_llm, save_tiny_tower
+from mma_jax.config import (Config, ConnectorConfig, LLMConfig, ModelConfig, VisionConfig,
+                            ConfigError, validate)
+from mma_jax.convert import operations
+from mma_jax.convert.__main__ import main as convert_main
+from mma_jax.convert.store import load_model
+from mma_jax.convert.transfer import build_with_params
+from mma_jax.convert.vision import HF_VISION
+from mma_jax.models import build_model
+from mma_jax.models.mllm import MultimodalDecoder
+
+
+def tiny_mllm_config(connector="perceiver", freeze=True) -> ModelConfig:
+  return ModelConfig(
+      llm=LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                    num_heads=4, num_kv_heads=2),
+      vision=VisionConfig(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2,
+                          image_size=16, patch_size=8),
+      connector=ConnectorConfig(type=connector, num_latents=3, depth=1, num_heads=2, head_dim=8),
+      freeze_vision=freeze)
+
+
+def _batch(rows_per_image: int, length=12):
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, length)))
+  index = np.full((2, length), -1, np.int32)
+  index[0, 2:2 + rows_per_image] = np.arange(rows_per_image)
+  index[1, 1:1 + 2 * rows_per_image] = np.arange(2 * rows_per_image)  # two images
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 16, 16, 3))
+  ones, zeros = jnp.ones((2, length), jnp.int32), jnp.zeros((2, length), jnp.int32)
+  return dict(tokens=tokens, positions=jnp.broadcast_to(jnp.arange(length), (2, length)),
+              segment_ids=ones, window_lo=zeros, window_hi=zeros,
+              image_token_index=jnp.asarray(index), images=images)
+
+
+@pytest.mark.parametrize("connector,rows", [("perceiver", 3), ("mlp", 4)])
+def test_image_rows_are_scattered_at_their_index(connector, rows):
+  model = MultimodalDecoder(tiny_mllm_config(connector), rngs=nnx.Rngs(0))
+  batch = _batch(rows)
+  embedded = model.embed(batch["tokens"], batch["image_token_index"], batch["images"])
+  image_rows = model.image_rows(batch["images"])
+  assert image_rows.shape == (2, 2 * rows, 32)
+  np.testing.assert_array_equal(embedded[0, 2:2 + rows], image_rows[0, :rows])
+  np.testing.assert_array_equal(embedded[1, 1:1 + 2 * rows], image_rows[1])
+  np.testing.assert_array_equal(embedded[0, :2], model.llm.embed_tokens(batch["tokens"][0, :2]))
+  # and the logits follow the embeddings
+  logits = model(**batch)
+  np.testing.assert_allclose(
+      logits, model.llm(embeddings=embedded, **{k: batch[k] for k in (
+          "positions", "segment_ids", "window_lo", "window_hi")}), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_vision_stops_gradients_into_the_tower(freeze):
+  model = MultimodalDecoder(tiny_mllm_config(freeze=freeze), rngs=nnx.Rngs(0))
+  batch = _batch(3)
+  grads = nnx.grad(lambda m: jnp.sum(m(**batch) ** 2))(model)
+  tower = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["vision"]))
+  connector = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["connector"]))
+  assert connector > 0
+  assert (tower == 0) == freeze
+
+
+def test_connector_without_tower_is_a_config_error():
+  config = Config(model=dataclasses.replace(tiny_mllm_config(), vision=None))
+  with pytest.raises(ConfigError, match="model.vision"):
+    validate(config)
+
+
+@pytest.mark.parametrize("family", ["siglip", "clip"])
+def test_hf_vision_verify_and_round_trip(tmp_path, family, capsys):
+  save_tiny_tower(family, tmp_path / "hf")
+  assert convert_main(["verify", "--format", "hf-vision", "--src", str(tmp_path / "hf")]) == 0
+  assert float(capsys.readouterr().out.strip().splitlines()[-1].split("=")[1]) <= 1e-4
+  operations.import_checkpoint(HF_VISION, tmp_path / "hf", tmp_path / "ckpt")
+  operations.export_checkpoint(HF_VISION, tmp_path / "ckpt", tmp_path / "out")
+  assert operations.verify(HF_VISION, tmp_path / "out", seq_len=0, batch=2) <= 1e-4
+
+
+def test_assemble_a_fresh_mllm(tmp_path, capsys):
+  save_tiny_llm("phi3", tmp_path / "llm")
+  save_tiny_tower("siglip", tmp_path / "tower")
+  assert convert_main(["assemble", "--llm", str(tmp_path / "llm"), "--vision",
+                       str(tmp_path / "tower"), "--connector", "perceiver", "--add-tokens", "2",
+                       "--dst", str(tmp_path / "ckpt")]) == 0
+  config, params = load_model(tmp_path / "ckpt")
+  assert config.model.kind == "mllm" and config.attention.mask == "causal"
+  assert config.model.llm.vocab_size == 98 and params["llm.embed.embedding"].shape == (98, 64)
+  assert params["llm.lm_head.kernel"].shape == (64, 98)
+  # The LLM's and the tower's weights are the HF ones, untouched.
+  _, llm = operations.read_hf(operations.HF_LLM, tmp_path / "llm")
+  np.testing.assert_array_equal(params["llm.embed.embedding"][:96], llm["embed.embedding"])
+  np.testing.assert_array_equal(params["llm.layers.mlp.up.kernel"], llm["layers.mlp.up.kernel"])
+  _, tower = operations.read_hf(HF_VISION, tmp_path / "tower")
+  np.testing.assert_array_equal(params["vision.patch_embed.kernel"], tower["patch_embed.kernel"])
+  # It builds and runs.
+  model = build_with_params(lambda: build_model(config, nnx.Rngs(0)), params)
+  batch = _batch(144, length=300)
+  batch["images"] = jnp.zeros((2, 2, 28, 28, 3))
+  assert model(**batch).shape == (2, 300, 98)
