@@ -69,11 +69,11 @@ def _context_mesh():
 
 
 def attend(q, k, v, segment_ids, window_lo, window_hi, *, impl: str = "auto",
-           scale: float | None = None):
+           scale: float | None = None, block_q: int = 128, block_kv: int = 128):
   """q [B, L, H, D], k/v [B, L, K, D], mask vectors [B, L] int32 -> [B, L, H, D].
 
   flash runs under shard_map when a mesh is set (jax.set_mesh): batch over data/fsdp, heads
-  over tensor.
+  over tensor; block_q/block_kv are its tile sizes (config attention.block_q/block_kv).
   """
   impl = _resolve(impl, q, k, v, window_lo, window_hi)
   if impl == "dense":
@@ -84,8 +84,9 @@ def attend(q, k, v, segment_ids, window_lo, window_hi, *, impl: str = "auto",
   mesh = _context_mesh()
   if mesh is not None:
     return flash.sharded_flash_attention(q, k, v, segment_ids, window_lo, window_hi, mesh=mesh,
-                                         scale=scale)
-  return flash.flash_attention(q, k, v, segment_ids, window_lo, window_hi, scale=scale)
+                                         scale=scale, block_q=block_q, block_kv=block_kv)
+  return flash.flash_attention(q, k, v, segment_ids, window_lo, window_hi, scale=scale,
+                               block_q=block_q, block_kv=block_kv)
 
 
 __all__ = ["attend", "allowed", "materialize", "dense_attention", "attend_dense", "IMPLS"]

@@ -74,10 +74,12 @@ def apply_rotary(x, cos, sin):
 
 # ---------------------------------------------------------------------------------------- blocks
 class Attention(nnx.Module):
-  def __init__(self, cfg: LLMConfig, *, impl: str, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: LLMConfig, *, impl: str, blocks: tuple[int, int], dtype, param_dtype,
+               rngs: nnx.Rngs):
     e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.num_heads, self.num_kv_heads, self.head_dim, self.impl = h, k, d, impl
+    self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
+    self.impl, self.blocks = impl, blocks
     self.q = Linear(e, h * d, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
     self.k = Linear(e, k * d, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
     self.v = Linear(e, k * d, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
@@ -90,7 +92,7 @@ class Attention(nnx.Module):
     v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     out = attend(q, k, v, segment_ids, window_lo, window_hi, impl=self.impl,
-                 scale=self.head_dim ** -0.5)
+                 scale=self.head_dim ** -0.5, block_q=self.blocks[0], block_kv=self.blocks[1])
     return self.o(out.reshape(b, length, self.num_heads * self.head_dim))
 
 
@@ -109,10 +111,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, cfg: LLMConfig, *, impl: str, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: LLMConfig, *, impl: str, blocks: tuple[int, int], dtype, param_dtype,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-    self.attn = Attention(cfg, impl=impl, **kw)
+    self.attn = Attention(cfg, impl=impl, blocks=blocks, **kw)
     self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg, **kw)
 
@@ -122,15 +125,19 @@ class DecoderLayer(nnx.Module):
 
 
 class DecoderLLM(nnx.Module):
-  """tokens or input embeddings + the mask vectors -> f32 logits [B, L, V]."""
+  """tokens or input embeddings + the mask vectors -> f32 logits [B, L, V].
 
-  def __init__(self, cfg: LLMConfig, *, impl: str = "auto", dtype: str = "float32",
-               param_dtype: str = "float32", scan_layers: bool = False, rngs: nnx.Rngs):
+  impl/blocks: the attention implementation and its (block_q, block_kv) tiles (flash)."""
+
+  def __init__(self, cfg: LLMConfig, *, impl: str = "auto", blocks: tuple[int, int] = (128, 128),
+               dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False,
+               rngs: nnx.Rngs):
     self.cfg, self.scan_layers = cfg, scan_layers
     kw = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
     self.embed = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
-    self.layers = stack_layers(lambda r: DecoderLayer(cfg, impl=impl, rngs=r, **kw),
-                               cfg.num_layers, rngs)
+    self.layers = stack_layers(
+        lambda r: DecoderLayer(cfg, impl=impl, blocks=tuple(blocks), rngs=r, **kw),
+        cfg.num_layers, rngs)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
     self.lm_head = (None if cfg.tie_word_embeddings else
                     Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, **kw))

@@ -18,14 +18,15 @@ from mma_jax.models.vision import VisionTower
 
 
 class MultimodalDecoder(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, impl: str = "auto", rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, impl: str = "auto",
+               blocks: tuple[int, int] = (128, 128), rngs: nnx.Rngs):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
     self.freeze_vision = cfg.freeze_vision
     self.tokens_per_image = tokens_per_image(cfg.connector, cfg.vision)
     self.vision = VisionTower(cfg.vision, rngs=rngs, **kw)
     self.connector = build_connector(cfg.connector, cfg.vision.hidden_size, cfg.llm.hidden_size,
                                      rngs=rngs, **kw)
-    self.llm = DecoderLLM(cfg.llm, impl=impl, rngs=rngs, **kw)
+    self.llm = DecoderLLM(cfg.llm, impl=impl, blocks=blocks, rngs=rngs, **kw)
 
   def image_rows(self, images):
     """images [B, N, H, W, C] -> LLM-width rows [B, N * T, E]."""
