@@ -88,6 +88,16 @@ def image_captions_input(record) -> LayoutInput:
                      caption=_text(record["caption"]))
 
 
+def _record_label(record) -> str:
+  """Names a record in log lines before it is read (it may be malformed)."""
+  for key in ("id", "image_file"):
+    try:
+      return _text(record[key])
+    except (KeyError, TypeError, IndexError):
+      pass
+  return "<record without an id>"
+
+
 # Which reader turns a record of each dataset (the builders' features) into a layout input.
 READERS: dict[str, Callable[[Any], LayoutInput]] = {
     "easy_vqa": easy_vqa_input,
@@ -135,7 +145,7 @@ class MakeExample(grain.transforms.Map):
       return self._layout
 
   def map(self, record):
-    label = "?"
+    label = _record_label(record)
     try:
       try:
         item = self.read(record)
@@ -168,10 +178,11 @@ class MakeExample(grain.transforms.Map):
     if count > self.images_per_row:
       raise SkipExample("too_many_images", f"{count} images exceed images_per_row "
                         f"{self.images_per_row}")
-    images = np.zeros((count, self.image_size, self.image_size, 3), np.float32)
-    for k in range(count):   # images of turns cut off by truncation are never decoded
-      images[k] = preprocess(item.images[k], self.image_size, self.image_norm,
-                             name=f"{item.id} image {k}")
+    # Images of turns cut off by truncation are never decoded.
+    images = [preprocess(item.images[k], self.image_size, self.image_norm,
+                         name=f"{item.id} image {k}")[None] for k in range(count)]
+    images = (images[0] if count == 1 else np.concatenate(images) if count else
+              np.zeros((0, self.image_size, self.image_size, 3), np.float32))
     return {**fields, "images": images, "truncated": truncated, "id": item.id}
 
 
@@ -205,7 +216,7 @@ class DataCounts:
 
 # --------------------------------------------------------------------------------------- rows
 class RowIterator(grain.DatasetIterator):
-  """Example records -> rows (packing.TOKEN_FIELDS [L], images [N, S, S, 3], image_valid [N]).
+  """Example records -> rows (packing.TOKEN_FIELDS [L] and the list of their examples' images).
 
   Reads `window` records at a time and first-fit packs the usable ones (or gives each its own
   row); rows leave in the order they were opened. The state is the parent's state at the start
@@ -278,15 +289,10 @@ class RowIterator(grain.DatasetIterator):
     raise StopIteration
 
   def _make_row(self, examples: list[dict]) -> dict:
+    """The row's token fields, and its images [m, S, S, 3] in slot order (BatchIterator places
+    them in the batch's N slots: copying each image once)."""
     row = packing.merge_row(examples, self.max_length, self.num_image_tokens)
-    row["images"] = np.zeros(self.image_shape, np.float32)
-    row["image_valid"] = np.zeros(self.images_per_row, bool)
-    count = 0
-    for ex in examples:
-      n = len(ex["images"])
-      row["images"][count:count + n] = ex["images"]
-      row["image_valid"][count:count + n] = True
-      count += n
+    row["images"] = [ex["images"] for ex in examples if len(ex["images"])]
     return row
 
   def empty_row(self) -> dict:
@@ -333,7 +339,16 @@ class BatchIterator(grain.DatasetIterator):
     if not rows:
       raise StopIteration
     rows += [self._parent.empty_row() for _ in range(self.batch_size - len(rows))]
-    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+    batch = {name: np.stack([row[name] for row in rows]) for name in packing.TOKEN_FIELDS}
+    batch["images"] = np.zeros((self.batch_size,) + self._parent.image_shape, np.float32)
+    batch["image_valid"] = np.zeros(batch["images"].shape[:2], bool)
+    for b, row in enumerate(rows):
+      slot = 0
+      for images in row["images"]:
+        batch["images"][b, slot:slot + len(images)] = images
+        slot += len(images)
+      batch["image_valid"][b, :slot] = True
+    return batch
 
   def get_state(self) -> dict:
     return self._parent.get_state()
