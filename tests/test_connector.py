@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from reference_aki import PerceiverResampler as TorchPerceiver
-from reference_aki import randomize_
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from mma_jax.config import ConfigError, ConnectorConfig, VisionConfig, from_dict
 from mma_jax.convert.safetensors_io import HFCheckpoint
+from mma_jax.convert.torch_reference import PerceiverResampler as TorchPerceiver
+from mma_jax.convert.torch_reference import randomize_
 from mma_jax.convert.transfer import build_with_params, export_params, import_params, param_shapes
 from mma_jax.convert.vision import (connector_entries, mlp_projector_config_from_hf,
                                     perceiver_config_from_shapes)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from reference_aki import randomize_
 from safetensors.numpy import save_file
 from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
                           SiglipVisionConfig, SiglipVisionModel)
 
 from mma_jax.config import ConfigError, VisionConfig, validate_vision
 from mma_jax.convert.safetensors_io import HFCheckpoint, write_safetensors
+from mma_jax.convert.torch_reference import randomize_
 from mma_jax.convert.transfer import build_with_params, export_params, import_params, param_shapes
 from mma_jax.convert.vision import (hf_vision_entries, hf_vision_ignored, vision_config_from_hf,
                                     vision_config_to_hf, vision_prefix)

@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from mma_jax.config import Config, ConfigError, ConnectorConfig, ModelConfig, OriginConfig, validate
+from mma_jax.convert.aki import AKI
 from mma_jax.convert.formats import Format
 from mma_jax.convert.llava import LLAVA
 from mma_jax.convert.llm import HF_LLM
@@ -20,7 +21,7 @@ from mma_jax.convert.vision import HF_VISION
 from mma_jax.models import build_model
 from mma_jax.models.connector import build_connector
 
-FORMATS: dict[str, Format] = {f.name: f for f in (HF_LLM, HF_VISION, LLAVA)}
+FORMATS: dict[str, Format] = {f.name: f for f in (HF_LLM, HF_VISION, LLAVA, AKI)}
 DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16}
 
 
