@@ -8,19 +8,23 @@ import json
 import logging
 
 import grain
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from flax import nnx
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 import mma_jax.data  # noqa: F401  registers the builders
+from mma_jax.config import Config, ConnectorConfig, LLMConfig, ModelConfig, VisionConfig
 from mma_jax.data.images import ImageError, preprocess
 from mma_jax.data.pipeline import VQA_PROMPT, DataPipeline
 from mma_jax.data.tokenizer import load_tokenizer
 from mma_jax.layout import ChatLayout, Conversation
+from mma_jax.models import build_model
 
 T = 4         # image tokens per image
 SIZE = 32     # tower input size (the easy_vqa PNGs are 64x64: a real resize)
@@ -72,7 +76,8 @@ def examples_in(batches):
       k = seg.max()
       assert ((seg[1:] == seg[:-1]) | (seg[1:] == seg[:-1] + 1) | (seg[1:] == 0)).all()
       pad = seg == 0
-      assert not batch["loss_mask"][b][pad].any() and (batch["image_token_index"][b][pad] == -1).all()
+      assert not batch["loss_mask"][b][pad].any()
+      assert (batch["image_token_index"][b][pad] == -1).all()
       used = set()
       for s in range(1, k + 1):
         at = np.flatnonzero(seg == s)
@@ -259,6 +264,41 @@ def test_bad_examples_are_skipped_counted_and_logged(tmp_path, tokenizer, caplog
     assert ends == [1.0]
 
 
+# ------------------------------------------------------------------------------ through a model
+def test_mllm_logits_of_packed_rows_equal_those_of_padded_rows(tmp_path, tokenizer):
+  """Pipeline batches straight into a tiny MultimodalDecoder (tower, Perceiver, LLM): every
+  example's logits in a packed row equal its logits alone in a padded row."""
+  config = ModelConfig(
+      llm=LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                    num_heads=4, num_kv_heads=2),
+      vision=VisionConfig(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2,
+                          image_size=16, patch_size=8),
+      connector=ConnectorConfig(num_latents=T, depth=1, num_heads=2, head_dim=8))
+  model = build_model(Config(model=config), nnx.Rngs(0))
+  forward = nnx.jit(lambda model, batch: model(**batch))
+  records = llava_records(tmp_path)
+
+  def logits_by_example(packing):
+    pipeline = llava_pipeline(records, tokenizer, packing=packing, num_epochs=1, shuffle=False,
+                              image_size=16)
+    found, shared_rows = {}, 0
+    for batch in pipeline:
+      shared_rows += int((batch["segment_ids"].max(axis=1) > 1).sum())
+      batch = dict(batch, tokens=batch["tokens"] % 64)     # the tiny vocabulary
+      logits = np.asarray(forward(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+      for b in range(len(batch["tokens"])):
+        for s in range(1, batch["segment_ids"][b].max() + 1):
+          at = batch["segment_ids"][b] == s
+          found[tuple(batch["tokens"][b][at])] = logits[b][at]
+    return found, shared_rows
+
+  (packed, shared_rows), (padded, _) = logits_by_example(True), logits_by_example(False)
+  assert packed.keys() == padded.keys() and len(packed) == 6
+  assert shared_rows >= 2                   # rows holding several examples, images included
+  for key, value in packed.items():
+    np.testing.assert_allclose(value, padded[key], atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------- resume
 def test_resume_continues_exactly(easy_vqa_dir, tokenizer):
   source = easy_vqa_source(easy_vqa_dir)
@@ -325,6 +365,24 @@ def test_worker_processes_give_the_same_batches_and_resume(easy_vqa_dir, tokeniz
     assert_same_batches(take(resumed, 4), reference[5:])
   finally:
     resumed.close()
+
+
+def test_from_config_takes_the_towers_size_and_normalisation(easy_vqa_dir):
+  config = Config(model=ModelConfig(vision=VisionConfig(family="clip", image_size=16)))
+  config.data.data_dir = str(easy_vqa_dir)
+  config.data.max_length = 128
+  config.train.batch_size, config.eval.batch_size = 4, 2
+  train = DataPipeline.from_config(config, split="test[:40]", num_image_tokens=T)
+  assert (train.image_size, train.make_example.image_norm) == (16, "clip")
+  assert (train.batch_size, train.shuffle, train.num_epochs) == (4, True, None)
+  batch = next(iter(train))
+  assert batch["tokens"].shape == (4, 128) and batch["images"].shape == (4, 4, 16, 16, 3)
+  evaluation = DataPipeline.from_config(config, split="test[:40]", num_image_tokens=T,
+                                        training=False)
+  assert (evaluation.batch_size, evaluation.shuffle, evaluation.num_epochs) == (2, False, 1)
+  config.data.image_size, config.data.image_norm = 24, "siglip"
+  own = DataPipeline.from_config(config, split="test[:40]", num_image_tokens=T)
+  assert (own.image_size, own.make_example.image_norm) == (24, "siglip")
 
 
 def test_arguments_are_checked_by_name(tokenizer):

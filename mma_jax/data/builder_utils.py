@@ -42,7 +42,8 @@ def checked_image_bytes(path: pathlib.Path) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
       image.verify()
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise ImageError("undecodable_image", f"image file '{path}' is not a readable image: {e}") from None
+    raise ImageError("undecodable_image",
+                     f"image file '{path}' is not a readable image: {e}") from None
   return data
 
 

@@ -46,7 +46,8 @@ def parse_row(row) -> tuple[str | None, list[str], list[tuple[str, str]]]:
             and isinstance(turn.get("value"), str)):
       raise RowError("malformed_row", f"turn {i} must have string 'from' and 'value', got {turn!r}")
     if turn["from"] not in ROLES:
-      raise RowError("unknown_role", f"turn {i} is from {turn['from']!r}; known: {', '.join(ROLES)}")
+      raise RowError("unknown_role",
+                     f"turn {i} is from {turn['from']!r}; known: {', '.join(ROLES)}")
     turns.append((ROLES[turn["from"]], turn["value"]))
   check_conversation(Conversation(turns, num_images=len(images)), generation_prompt=False)
   row_id = row.get("id")

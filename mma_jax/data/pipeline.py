@@ -15,8 +15,12 @@ targets, image_token_index int32 [B, L]; loss_mask float32 [B, L]; images float3
 completed with all-padding rows (no example is dropped).
 
 Bad data never stops a run: MakeExample turns an example it cannot use into a skip record, and
-RowIterator counts it under its reason with one warning naming the example. The counts are
-`iterator.counts`, logged when the data ends, and part of the iterator state.
+RowIterator counts it under its reason with one warning naming the example. Reasons:
+malformed_row (a record that cannot be read), the layout's conversation reasons (bad_turn_order,
+image_count_mismatch, ...), missing_image_file, undecodable_image, too_long (data.too_long=drop,
+or no answer token fits), too_many_images (more than images_per_row), unexpected_<Error> (a bug:
+counted rather than fatal). The counts are `iterator.counts` (DataCounts), logged when the data
+ends, and part of the iterator state.
 
 The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (JSON-able dicts), or
 orbax with `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`. A restored
@@ -35,7 +39,8 @@ from typing import Any, Callable
 import grain
 import numpy as np
 
-from mma_jax.data import packing
+from mma_jax.data.packing import (TOKEN_FIELDS, example_fields, first_fit, merge_row, num_images,
+                                  truncate_answer)
 from mma_jax.data.images import NORMALIZATION, ImageError, preprocess
 from mma_jax.layout import ChatLayout, Conversation, ConversationError
 
@@ -114,7 +119,7 @@ class SkipExample(ValueError):
 
 
 class MakeExample(grain.transforms.Map):
-  """Record -> example dict (packing.TOKEN_FIELDS [L], images [n, S, S, 3] float32, truncated,
+  """Record -> example dict (TOKEN_FIELDS [L], images [n, S, S, 3] float32, truncated,
   id) or a skip record {skip: reason, id, message}. Module level and picklable: worker processes
   receive it; the tokenizer and layout are built lazily in each process."""
 
@@ -165,16 +170,16 @@ class MakeExample(grain.transforms.Map):
         example = layout.caption(item.caption, num_images=len(item.images))
       else:
         example = layout.conversation(item.conversation)
-    fields = packing.example_fields(example)
+    fields = example_fields(example)
     truncated = example.length > self.max_length
     if truncated:
-      fields = (packing.truncate_answer(fields, self.max_length)
+      fields = (truncate_answer(fields, self.max_length)
                 if self.too_long == "truncate" else None)
       if fields is None:
         how = "data.too_long=drop" if self.too_long == "drop" else "no answer token fits"
         raise SkipExample("too_long", f"{example.length} tokens exceed max_length "
                           f"{self.max_length} ({how})")
-    count = packing.num_images(fields, self.num_image_tokens)
+    count = num_images(fields, self.num_image_tokens)
     if count > self.images_per_row:
       raise SkipExample("too_many_images", f"{count} images exceed images_per_row "
                         f"{self.images_per_row}")
@@ -216,7 +221,7 @@ class DataCounts:
 
 # --------------------------------------------------------------------------------------- rows
 class RowIterator(grain.DatasetIterator):
-  """Example records -> rows (packing.TOKEN_FIELDS [L] and the list of their examples' images).
+  """Example records -> rows (TOKEN_FIELDS [L] and the list of their examples' images).
 
   Reads `window` records at a time and first-fit packs the usable ones (or gives each its own
   row); rows leave in the order they were opened. The state is the parent's state at the start
@@ -269,7 +274,7 @@ class RowIterator(grain.DatasetIterator):
         logger.info("truncated example %s to max_length %d", record["id"], self.max_length)
       records.append(record)
     if self.packing:
-      groups = packing.first_fit([len(r["tokens"]) for r in records],
+      groups = first_fit([len(r["tokens"]) for r in records],
                                  [len(r["images"]) for r in records],
                                  self.max_length, self.images_per_row)
     else:
@@ -291,7 +296,7 @@ class RowIterator(grain.DatasetIterator):
   def _make_row(self, examples: list[dict]) -> dict:
     """The row's token fields, and its images [m, S, S, 3] in slot order (BatchIterator places
     them in the batch's N slots: copying each image once)."""
-    row = packing.merge_row(examples, self.max_length, self.num_image_tokens)
+    row = merge_row(examples, self.max_length, self.num_image_tokens)
     row["images"] = [ex["images"] for ex in examples if len(ex["images"])]
     return row
 
@@ -339,7 +344,7 @@ class BatchIterator(grain.DatasetIterator):
     if not rows:
       raise StopIteration
     rows += [self._parent.empty_row() for _ in range(self.batch_size - len(rows))]
-    batch = {name: np.stack([row[name] for row in rows]) for name in packing.TOKEN_FIELDS}
+    batch = {name: np.stack([row[name] for row in rows]) for name in TOKEN_FIELDS}
     batch["images"] = np.zeros((self.batch_size,) + self._parent.image_shape, np.float32)
     batch["image_valid"] = np.zeros(batch["images"].shape[:2], bool)
     for b, row in enumerate(rows):
