@@ -203,8 +203,13 @@ class TrainConfig:
   learning_rate: float = 1e-4
   min_learning_rate: float = 1e-5
   warmup_steps: int = 100
-  weight_decay: float = 0.01
+  weight_decay: float = 0.01            # on Linear kernels; never norms, biases, latents
+  decay_embeddings: bool = False         # AKI: no decay on the input embeddings
+  connector_lr_scale: float = 1.0        # connector learning rate = this x learning_rate
   clip_norm: float = 1.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  loss_positions: int = 0                # >0: logits only at this many answer tokens per row
   seed: int = 0
   log_every: int = 10
   eval_every: int = 0                    # 0 = only at the end

@@ -147,6 +147,12 @@ class DecoderLLM(nnx.Module):
 
   def __call__(self, *, positions, segment_ids, window_lo, window_hi, tokens=None,
                embeddings=None):
+    return self.logits(self.hidden(positions=positions, segment_ids=segment_ids,
+                                   window_lo=window_lo, window_hi=window_hi, tokens=tokens,
+                                   embeddings=embeddings))
+
+  def hidden(self, *, positions, segment_ids, window_lo, window_hi, tokens=None, embeddings=None):
+    """The final normalised hidden states [B, L, E] (the head's input)."""
     if (tokens is None) == (embeddings is None):
       raise ValueError("pass exactly one of tokens or embeddings")
     x = self.embed_tokens(tokens) if embeddings is None else embeddings.astype(self.embed.dtype)
@@ -160,6 +166,9 @@ class DecoderLLM(nnx.Module):
       return layer(h, cos, sin, segment_ids, window_lo, window_hi)
 
     x = apply_stacked(self.layers, x, step, num_layers=self.cfg.num_layers, scan=self.scan_layers)
-    x = self.norm(x)
-    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    return self.norm(x)
+
+  def logits(self, hidden):
+    """hidden [..., E] -> f32 logits [..., V]; training calls it on answer positions only."""
+    logits = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
     return logits.astype(jnp.float32)

@@ -46,11 +46,18 @@ class MultimodalDecoder(nnx.Module):
     gathered = jnp.take_along_axis(rows, jnp.maximum(image_token_index, 0)[..., None], axis=1)
     return jnp.where((image_token_index >= 0)[..., None], gathered, x)
 
-  def __call__(self, *, tokens, positions, segment_ids, window_lo, window_hi,
-               image_token_index, images=None, image_valid=None):
-    """The batch contract's fields -> f32 logits [B, L, V]. (image_valid marks real images; the
-    rows of padding images are computed but never gathered.)"""
-    del image_valid
+  def __call__(self, **batch):
+    """The batch contract's fields -> f32 logits [B, L, V]."""
+    return self.logits(self.hidden(**batch))
+
+  def hidden(self, *, tokens, positions, segment_ids, window_lo, window_hi, image_token_index,
+             images=None, image_valid=None, **unused):
+    """The LLM's final hidden states [B, L, E]. (image_valid marks real images; the rows of
+    padding images are computed but never gathered. Other batch fields are ignored.)"""
+    del image_valid, unused
     x = self.embed(tokens, image_token_index, images)
-    return self.llm(embeddings=x, positions=positions, segment_ids=segment_ids,
-                    window_lo=window_lo, window_hi=window_hi)
+    return self.llm.hidden(embeddings=x, positions=positions, segment_ids=segment_ids,
+                           window_lo=window_lo, window_hi=window_hi)
+
+  def logits(self, hidden):
+    return self.llm.logits(hidden)

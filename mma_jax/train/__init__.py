@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, the jitted step, orbax checkpoints, metrics, the loop."""

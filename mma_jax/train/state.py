@@ -1,0 +1,80 @@
+"""The train state and its shardings.
+
+    state = {"step": int32 [], "params": trainable nnx.State, "frozen": nnx.State,
+             "opt_state": optax state over params}
+
+The frozen vision tower lives in `frozen`: outside the gradient and the optimizer. Parameters
+and Adam moments carry the same logical axes, so one rules table shards both.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mma_jax.config import Config
+from mma_jax.models import build_model
+from mma_jax.sharding import create_sharded, logical_to_spec
+from mma_jax.train.optimizer import make_optimizer
+
+
+def trainable_filter(config: Config):
+  """Parameters the optimizer sees: all but the vision tower when it is frozen."""
+  m = config.model
+  if m.kind == "mllm" and m.freeze_vision:
+    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision")))
+  return nnx.Param
+
+
+def tree_shardings(tree, mesh: Mesh):
+  """NamedShardings for a pytree of nnx Variables (by their logical axes) and plain arrays
+  (replicated: step counters, schedules' counts)."""
+  sizes = dict(mesh.shape)
+
+  def one(leaf):
+    if isinstance(leaf, nnx.Variable):
+      value = leaf.get_value()
+      if not hasattr(value, "shape"):  # optax's MaskedNode: a placeholder without arrays
+        return leaf
+      axes = tuple(leaf.get_metadata().get("out_sharding") or ())
+      return leaf.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, sizes)))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def split_model(model: nnx.Module, config: Config):
+  """(graphdef, trainable State, frozen State)."""
+  graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
+  return graphdef, params, frozen
+
+
+def init_train_state(config: Config, mesh: Mesh | None = None, model: nnx.Module | None = None):
+  """(graphdef, state, optimizer). The model is built from config.train.seed (or given, e.g.
+  from a converted checkpoint); under a mesh every array is born sharded."""
+  if model is None:
+    build = lambda: build_model(config, nnx.Rngs(config.train.seed))
+    model = create_sharded(build, mesh) if mesh is not None else build()
+  graphdef, params, frozen = split_model(model, config)
+  optimizer = make_optimizer(config.train)
+  init = lambda p: optimizer.init(p)
+  if mesh is not None:
+    abstract = jax.eval_shape(init, params)
+    with jax.set_mesh(mesh):
+      opt_state = jax.jit(init, out_shardings=tree_shardings(abstract, mesh))(params)
+  else:
+    opt_state = init(params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen,
+           "opt_state": opt_state}
+  return graphdef, state, optimizer
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a pytree of sharded arrays (the largest shard per leaf)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape) if hasattr(leaf, "sharding") else np.shape(leaf)
+    total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
+  return total

@@ -1,0 +1,70 @@
+"""The jitted training step: gradient accumulation over micro-batches, exact across packing
+(loss = sum of answer-token losses / number of answer tokens, over the whole batch)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from mma_jax.config import TrainConfig
+from mma_jax.sharding import batch_sharding
+from mma_jax.train.loss import token_loss_sums
+from mma_jax.train.optimizer import learning_rate
+from mma_jax.train.state import tree_shardings
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, t: TrainConfig):
+  """step(state, batch) -> (state, metrics); batch fields are [B, ...] with B = t.batch_size."""
+  schedule = learning_rate(t)
+
+  def sums(params, frozen, micro):
+    model = nnx.merge(graphdef, params, frozen)
+    total, count, overflow = token_loss_sums(model, micro, loss_positions=t.loss_positions)
+    return total, (count, overflow)
+
+  grad_fn = jax.value_and_grad(sums, has_aux=True)
+
+  def step(state, batch):
+    params, frozen = state["params"], state["frozen"]
+    micro = jax.tree.map(
+        lambda x: x.reshape(t.grad_accum, x.shape[0] // t.grad_accum, *x.shape[1:]), batch)
+
+    def accumulate(carry, mb):
+      grads, total, count, overflow = carry
+      (s, (n, o)), g = grad_fn(params, frozen, mb)
+      return (jax.tree.map(jnp.add, grads, g), total + s, count + n, overflow + o), None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (jax.tree.map(jnp.zeros_like, params), zero, zero, jnp.zeros((), jnp.int32))
+    (grads, total, count, overflow), _ = jax.lax.scan(accumulate, init, micro)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 "frozen": frozen, "opt_state": opt_state}
+    metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state["step"]), "answer_tokens": count,
+               "loss_overflow": overflow}
+    return new_state, metrics
+
+  return step
+
+
+def jit_train_step(step, state, mesh: Mesh | None, batch_example=None):
+  """jax.jit with explicit shardings (state per the rules table, batch over data/fsdp) and the
+  state donated; without a mesh a plain jit with donation."""
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  state_shardings = tree_shardings(state, mesh)
+  batch_shardings = (None if batch_example is None else
+                     jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), batch_example))
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+  def run(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+
+  return run
