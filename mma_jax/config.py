@@ -212,12 +212,13 @@ class TrainConfig:
   loss_positions: int = 0                # >0: logits only at this many answer tokens per row
   seed: int = 0
   log_every: int = 10
-  eval_every: int = 0                    # 0 = only at the end
-  output_dir: str = "runs/default"
+  eval_every: int = 0                    # held-out loss every N steps; 0 = only at the end
+  eval_batches: int = 8                  # batches of the held-out loss
 
 
 @dataclass
 class CheckpointConfig:
+  dir: str = ""                          # the run directory; "" = runs/<config file name>
   every: int = 500
   keep: int = 3
   async_save: bool = True

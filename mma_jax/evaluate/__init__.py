@@ -1,0 +1,1 @@
+"""Evaluation: benchmark readers, scoring and reports (easy_vqa.py: the demo's accuracy)."""
