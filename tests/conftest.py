@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def easy_vqa_dir(tmp_path_factory):
   """The whole easy_vqa dataset built once per session (array_record; a few seconds)."""
-  from mma_jax.data.builder_utils import prepare
+  import tensorflow_datasets as tfds
+  import mma_jax.data  # noqa: F401  registers the builders
   data_dir = tmp_path_factory.mktemp("tfds")
-  prepare("easy_vqa", data_dir)
+  tfds.builder("easy_vqa", data_dir=str(data_dir)).download_and_prepare(file_format="array_record")
   return data_dir

@@ -18,8 +18,10 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+import data_fixtures
 import mma_jax.data  # noqa: F401  registers the builders
 from mma_jax.config import Config, ConnectorConfig, LLMConfig, ModelConfig, VisionConfig
+from mma_jax.data.builder_utils import prepare
 from mma_jax.data.images import ImageError, preprocess
 from mma_jax.data.pipeline import VQA_PROMPT, DataPipeline
 from mma_jax.data.tokenizer import load_tokenizer
@@ -264,6 +266,27 @@ def test_bad_examples_are_skipped_counted_and_logged(tmp_path, tokenizer, caplog
     assert ends == [1.0]
 
 
+@pytest.mark.parametrize("dataset", ["llava_instruct", "image_captions"])
+def test_built_fixtures_flow_through_the_pipeline(tmp_path, tokenizer, dataset):
+  write = {"llava_instruct": data_fixtures.write_llava,
+           "image_captions": data_fixtures.write_captions}[dataset]
+  write(tmp_path / "manual")
+  prepare(dataset, tmp_path / "data", tmp_path / "manual")
+  source = tfds.data_source(dataset, split="train", data_dir=str(tmp_path / "data"))
+  it = iter(make_pipeline(source, tokenizer, dataset=dataset, num_epochs=1, max_length=128))
+  batches = list(it)
+  kept = {"llava_instruct": data_fixtures.LLAVA_KEPT,
+          "image_captions": data_fixtures.CAPTIONS_KEPT}[dataset]
+  assert (it.counts.examples, dict(it.counts.skipped)) == (len(kept), {})
+  assert it.counts.truncated == (dataset == "llava_instruct")        # the long answer
+  assert sum(examples_in(batches).values()) == len(kept)
+  images = sum(int(b["image_valid"].sum()) for b in batches)
+  # llava: one image each, two in two_images and image_per_turn, none in text_only.
+  assert images == {"llava_instruct": 7, "image_captions": 4}[dataset]
+  if dataset == "image_captions":    # pre-training: plain causal, whatever the mask mode
+    assert all(not b["window_hi"].any() for b in batches)
+
+
 # ------------------------------------------------------------------------------ through a model
 def test_mllm_logits_of_packed_rows_equal_those_of_padded_rows(tmp_path, tokenizer):
   """Pipeline batches straight into a tiny MultimodalDecoder (tower, Perceiver, LLM): every
@@ -373,7 +396,7 @@ def test_from_config_takes_the_towers_size_and_normalisation(easy_vqa_dir):
   config.data.max_length = 128
   config.train.batch_size, config.eval.batch_size = 4, 2
   train = DataPipeline.from_config(config, split="test[:40]", num_image_tokens=T)
-  assert (train.image_size, train.make_example.image_norm) == (16, "clip")
+  assert (train.image_size, train.image_norm) == (16, "clip")
   assert (train.batch_size, train.shuffle, train.num_epochs) == (4, True, None)
   batch = next(iter(train))
   assert batch["tokens"].shape == (4, 128) and batch["images"].shape == (4, 4, 16, 16, 3)
@@ -382,7 +405,7 @@ def test_from_config_takes_the_towers_size_and_normalisation(easy_vqa_dir):
   assert (evaluation.batch_size, evaluation.shuffle, evaluation.num_epochs) == (2, False, 1)
   config.data.image_size, config.data.image_norm = 24, "siglip"
   own = DataPipeline.from_config(config, split="test[:40]", num_image_tokens=T)
-  assert (own.image_size, own.make_example.image_norm) == (24, "siglip")
+  assert (own.image_size, own.image_norm) == (24, "siglip")
 
 
 def test_arguments_are_checked_by_name(tokenizer):

@@ -1,5 +1,9 @@
 """Image preprocessing for the vision towers: decode to RGB, bicubic resize, normalise per tower.
 
+The pipeline resizes in its readers (`resize_rgb`, uint8: a quarter of the bytes to buffer and to
+send between processes) and normalises while copying into the batch (`normalize(..., out=)`);
+`preprocess` is both steps.
+
 Inputs may be encoded bytes (what the llava_instruct and image_captions builders store), a file
 path, or an already decoded uint8 array (tfds Image features, as in easy_vqa). A file that is
 missing or cannot be decoded raises `ImageError` naming the input; its `reason` is the key the
@@ -71,16 +75,25 @@ def _array_to_rgb(array: np.ndarray, label: str) -> Image.Image:
   return Image.fromarray(array).convert("RGB")
 
 
-def preprocess(image, size: int, norm: str, name: str | None = None) -> np.ndarray:
-  """Any accepted image -> float32 [size, size, 3]: RGB, bicubic resize, (x / 255 - mean) / std."""
-  if norm not in NORMALIZATION:
-    raise ValueError(f"unknown image normalisation {norm!r}; choose one of: "
-                     f"{', '.join(NORMALIZATION)}")
+def resize_rgb(image, size: int, name: str | None = None) -> np.ndarray:
+  """Any accepted image -> uint8 [size, size, 3]: RGB, bicubic resize (as the HF processors)."""
   rgb = decode_rgb(image, name)
   if rgb.size != (size, size):
     rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+  return np.asarray(rgb)
+
+
+def normalize(pixels: np.ndarray, norm: str, out: np.ndarray | None = None) -> np.ndarray:
+  """uint8 [..., 3] -> float32 (x / 255 - mean) / std, written into `out` if given."""
+  if norm not in NORMALIZATION:
+    raise ValueError(f"unknown image normalisation {norm!r}; choose one of: "
+                     f"{', '.join(NORMALIZATION)}")
   mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION[norm])
-  pixels = np.asarray(rgb, np.float32)   # a fresh array: normalise in place (fewer passes)
-  pixels *= 1 / (255 * std)
-  pixels -= mean / std
-  return pixels
+  out = np.multiply(pixels, 1 / (255 * std), out=out, dtype=np.float32)
+  out -= mean / std
+  return out
+
+
+def preprocess(image, size: int, norm: str, name: str | None = None) -> np.ndarray:
+  """Any accepted image -> float32 [size, size, 3]: RGB, bicubic resize, (x / 255 - mean) / std."""
+  return normalize(resize_rgb(image, size, name), norm)

@@ -3,11 +3,12 @@
     source (tfds.data_source or any len/getitem source)
       [this process's shard] -> shuffle (a new order every epoch) -> repeat
       -> MakeExample: read the record, lay out the conversation or caption, truncate or drop
-         what is too long, decode + resize + normalise its images       (reader threads, or
+         what is too long, decode + resize its images (uint8)           (reader threads, or
          worker processes with num_workers > 0: they see the same elements in the same order)
       -> RowIterator: windows of `pack_window` examples, first-fit packed into rows (or one per
          padded row); counts kept, truncated and skipped examples        (main process)
-      -> BatchIterator: batch_size rows stacked into the batch contract  (main process)
+      -> BatchIterator: batch_size rows stacked into the batch contract, images normalised
+         for the tower as they are copied in                            (main process)
 
 Batches (DESIGN.md §2), per process: tokens, positions, segment_ids, window_lo, window_hi,
 targets, image_token_index int32 [B, L]; loss_mask float32 [B, L]; images float32
@@ -41,7 +42,7 @@ import numpy as np
 
 from mma_jax.data.packing import (TOKEN_FIELDS, example_fields, first_fit, merge_row, num_images,
                                   truncate_answer)
-from mma_jax.data.images import NORMALIZATION, ImageError, preprocess
+from mma_jax.data.images import NORMALIZATION, ImageError, normalize, resize_rgb
 from mma_jax.layout import ChatLayout, Conversation, ConversationError
 
 logger = logging.getLogger(__name__)
@@ -119,17 +120,17 @@ class SkipExample(ValueError):
 
 
 class MakeExample(grain.transforms.Map):
-  """Record -> example dict (TOKEN_FIELDS [L], images [n, S, S, 3] float32, truncated,
+  """Record -> example dict (TOKEN_FIELDS [L], images [n, S, S, 3] uint8 resized, truncated,
   id) or a skip record {skip: reason, id, message}. Module level and picklable: worker processes
   receive it; the tokenizer and layout are built lazily in each process."""
 
   def __init__(self, *, dataset: str, tokenizer, template: str, mask_mode: str,
                num_image_tokens: int, max_length: int, too_long: str, images_per_row: int,
-               image_size: int, image_norm: str):
+               image_size: int):
     self.read = READERS[dataset]
     self.tokenizer, self.template, self.mask_mode = tokenizer, template, mask_mode
     self.num_image_tokens, self.max_length, self.too_long = num_image_tokens, max_length, too_long
-    self.images_per_row, self.image_size, self.image_norm = images_per_row, image_size, image_norm
+    self.images_per_row, self.image_size = images_per_row, image_size
     self._layout = None
     self._lock = threading.Lock()
 
@@ -183,11 +184,11 @@ class MakeExample(grain.transforms.Map):
     if count > self.images_per_row:
       raise SkipExample("too_many_images", f"{count} images exceed images_per_row "
                         f"{self.images_per_row}")
-    # Images of turns cut off by truncation are never decoded.
-    images = [preprocess(item.images[k], self.image_size, self.image_norm,
-                         name=f"{item.id} image {k}")[None] for k in range(count)]
-    images = (images[0] if count == 1 else np.concatenate(images) if count else
-              np.zeros((0, self.image_size, self.image_size, 3), np.float32))
+    # Resized only (uint8); BatchIterator normalises. Images of turns cut off by truncation are
+    # never decoded.
+    images = np.zeros((count, self.image_size, self.image_size, 3), np.uint8)
+    for k in range(count):
+      images[k] = resize_rgb(item.images[k], self.image_size, name=f"{item.id} image {k}")
     return {**fields, "images": images, "truncated": truncated, "id": item.id}
 
 
@@ -326,9 +327,9 @@ class BatchIterator(grain.DatasetIterator):
   """batch_size rows -> one batch of the batch contract; its state is the row iterator's state
   between batches. `counts` are the pipeline's example counts."""
 
-  def __init__(self, rows: RowIterator, batch_size: int):
+  def __init__(self, rows: RowIterator, batch_size: int, image_norm: str):
     super().__init__(rows)
-    self.batch_size = batch_size
+    self.batch_size, self.image_norm = batch_size, image_norm
 
   @property
   def counts(self) -> DataCounts:
@@ -349,8 +350,8 @@ class BatchIterator(grain.DatasetIterator):
     batch["image_valid"] = np.zeros(batch["images"].shape[:2], bool)
     for b, row in enumerate(rows):
       slot = 0
-      for images in row["images"]:
-        batch["images"][b, slot:slot + len(images)] = images
+      for images in row["images"]:   # normalised as they are copied in: one pass
+        normalize(images, self.image_norm, out=batch["images"][b, slot:slot + len(images)])
         slot += len(images)
       batch["image_valid"][b, :slot] = True
     return batch
@@ -410,14 +411,14 @@ class DataPipeline:
       process_index, process_count = jax.process_index(), jax.process_count()
     self.source, self.batch_size, self.packing = source, batch_size, packing
     self.max_length, self.num_image_tokens = max_length, num_image_tokens
-    self.images_per_row, self.image_size = images_per_row, image_size
+    self.images_per_row, self.image_size, self.image_norm = images_per_row, image_size, image_norm
     self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
     self.pack_window, self.num_workers, self.read_threads = pack_window, num_workers, read_threads
     self.process_index, self.process_count = process_index, process_count
     self.make_example = MakeExample(
         dataset=dataset, tokenizer=tokenizer, template=template, mask_mode=mask_mode,
         num_image_tokens=num_image_tokens, max_length=max_length, too_long=too_long,
-        images_per_row=images_per_row, image_size=image_size, image_norm=image_norm)
+        images_per_row=images_per_row, image_size=image_size)
 
   @classmethod
   def from_config(cls, config, *, split: str, num_image_tokens: int, training: bool = True,
@@ -476,4 +477,4 @@ class DataPipeline:
                        num_image_tokens=self.num_image_tokens,
                        images_per_row=self.images_per_row, image_size=self.image_size,
                        window=self.pack_window)
-    return BatchIterator(rows, self.batch_size)
+    return BatchIterator(rows, self.batch_size, self.image_norm)
