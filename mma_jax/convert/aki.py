@@ -21,7 +21,8 @@ import pathlib
 
 import numpy as np
 
-from mma_jax.config import Config, ConfigError, ModelConfig, OriginConfig, validate
+from mma_jax.config import (Config, ConfigError, LLMConfig, ModelConfig, OriginConfig,
+                            VisionConfig, validate)
 from mma_jax.convert.formats import Format, read_json
 from mma_jax.convert.keymap import IDENTITY, LINEAR, Hook, Rule, expand, prefixed
 from mma_jax.convert.llm import llm_config_from_hf, llm_config_to_hf, llm_ignored, llm_rules
@@ -80,17 +81,7 @@ def _read_config(src, *, llm_config=None, vision_config=None, **_) -> Config:
   if missing:
     raise ConfigError(f"'{src / 'config.json'}' lacks '{missing[0]}': not an AKI checkpoint "
                       f"(expected the constructor arguments {', '.join(CONSTRUCTOR_ARGS)})")
-  llm_path = llm_config or find_base_config(aki["lang_model_path"], "--llm-config", "base LLM")
-  vision_path = vision_config or find_base_config(aki["vision_encoder_path"], "--vision-config",
-                                                  "vision encoder")
-  log.info("aki: base LLM config %s, vision config %s", llm_path, vision_path)
-  llm = llm_config_from_hf(read_json(llm_path))
-  vision = vision_config_from_hf(read_json(vision_path))  # SigLIP: last_hidden_state
-  if vision.family != "siglip":
-    raise ConfigError(f"'{vision_path}': AKI's vision encoder is SigLIP, got {vision.family}")
-  if llm.tie_word_embeddings:
-    raise ConfigError(f"'{llm_path}': an AKI LLM with tied embeddings is not supported")
-
+  llm, vision = _base_models(aki, llm_config, vision_config)
   shapes = _tensor_shapes(src)
   # The official DecoupledLinear defaults to bias=True; a file that kept such biases needs a head
   # bias our LLM does not have (yet): refuse it by name rather than as an unexpected key.
@@ -102,7 +93,7 @@ def _read_config(src, *, llm_config=None, vision_config=None, **_) -> Config:
   base_vocab, added = _shape(shapes, LLM + EMBED)[0], _shape(shapes, LLM + ADDED_EMBED)[0]
   if base_vocab != llm.vocab_size:
     raise CheckpointError(f"'{src}': {LLM + EMBED} has {base_vocab} rows but the base LLM config "
-                          f"'{llm_path}' says vocab_size={llm.vocab_size}; is it the right model?")
+                          f"says vocab_size={llm.vocab_size}; is it the right model?")
   if not 0 < initial <= base_vocab:
     raise ConfigError(f"'{src / 'config.json'}': initial_tokenizer_len={initial} must lie in "
                       f"[1, {base_vocab}] (the base vocabulary)")
@@ -117,6 +108,21 @@ def _read_config(src, *, llm_config=None, vision_config=None, **_) -> Config:
   config.attention.mask = "mma"   # AKI's SFT attention (DESIGN.md §1)
   validate(config)
   return config
+
+
+def _base_models(aki: dict, llm_config, vision_config) -> tuple[LLMConfig, VisionConfig]:
+  """The base LLM's and vision encoder's configs, from the given paths or the HF cache."""
+  llm_path = llm_config or find_base_config(aki["lang_model_path"], "--llm-config", "base LLM")
+  vision_path = vision_config or find_base_config(aki["vision_encoder_path"], "--vision-config",
+                                                  "vision encoder")
+  log.info("aki: base LLM config %s, vision config %s", llm_path, vision_path)
+  llm = llm_config_from_hf(read_json(llm_path))
+  vision = vision_config_from_hf(read_json(vision_path))   # SigLIP: last_hidden_state
+  if vision.family != "siglip":
+    raise ConfigError(f"'{vision_path}': AKI's vision encoder is SigLIP, got {vision.family}")
+  if llm.tie_word_embeddings:
+    raise ConfigError(f"'{llm_path}': an AKI LLM with tied embeddings is not supported")
+  return llm, vision
 
 
 def _tensor_shapes(src: pathlib.Path) -> dict[str, tuple[int, ...]]:
@@ -237,11 +243,11 @@ def our_logits(model, config: Config, p: PromptBatch) -> np.ndarray:
   batch, length = p.tokens.shape
   windows = [attention_windows(length, config.attention.mask, [span], [(0, header_end)])
              for span, header_end in zip(p.image_spans, p.header_ends)]
+  positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
   return np.asarray(model(
-      tokens=p.tokens, positions=np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)),
-      segment_ids=p.valid.astype(np.int32), window_lo=np.stack([lo for lo, _ in windows]),
-      window_hi=np.stack([hi for _, hi in windows]), image_token_index=p.image_token_index,
-      images=p.images))
+      tokens=p.tokens, positions=positions, segment_ids=p.valid.astype(np.int32),
+      window_lo=np.stack([lo for lo, _ in windows]), window_hi=np.stack([hi for _, hi in windows]),
+      image_token_index=p.image_token_index, images=p.images))
 
 
 def load_reference(src, config: Config):
