@@ -428,8 +428,7 @@ class DataPipeline:
     otherwise), the mask mode of `config.attention.mask`, and per-process batch rows from
     train.batch_size (training: shuffled, forever) or eval.batch_size (one ordered pass)."""
     import jax
-    import tensorflow_datasets as tfds
-    import mma_jax.data  # noqa: F401  registers the builders with tfds
+    import tensorflow_datasets as tfds   # (the builders are registered: this is mma_jax.data)
     data, vision = config.data, config.model.vision
     if vision is None and not (data.image_size and data.image_norm != "auto"):
       raise ValueError("data: a text-only model config needs data.image_size and data.image_norm")
