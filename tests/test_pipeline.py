@@ -181,11 +181,13 @@ def test_same_seed_same_batches_and_a_new_order_every_epoch(easy_vqa_dir, tokeni
   assert other[:24] != epoch0
 
 
-def test_each_process_reads_its_own_shard(easy_vqa_dir, tokenizer):
+def test_each_process_reads_its_own_shard(easy_vqa_dir, tokenizer, caplog):
   source = easy_vqa_source(easy_vqa_dir, "test[:100]")
-  shards = [examples_in(list(make_pipeline(source, tokenizer, num_epochs=1, process_index=i,
-                                           process_count=3)))
-            for i in range(3)]
+  with caplog.at_level(logging.WARNING, logger="mma_jax.data.pipeline"):
+    shards = [examples_in(list(make_pipeline(source, tokenizer, num_epochs=1, process_index=i,
+                                             process_count=3)))
+              for i in range(3)]
+  assert "the last 1 of 100 records are left out" in caplog.text
   assert [sum(s.values()) for s in shards] == [33, 33, 33]   # equal shards; one record unused
   assert sum(shards, collections.Counter()) == expected_examples(
       [source[i] for i in range(99)], tokenizer)

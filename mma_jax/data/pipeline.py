@@ -457,6 +457,10 @@ class DataPipeline:
     if per_process == 0:
       raise ValueError(f"data: {len(ds)} records cannot be shared by {self.process_count} "
                        "processes")
+    left_out = len(ds) - per_process * self.process_count
+    if left_out:
+      logger.warning("data: the last %d of %d records are left out so that %d processes read "
+                     "%d each", left_out, len(ds), self.process_count, per_process)
     ds = ds[self.process_index:per_process * self.process_count:self.process_count]
     if self.shuffle:
       ds = ds.shuffle(seed=self.seed)
