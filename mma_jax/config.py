@@ -1,6 +1,6 @@
 """Typed configs: dataclasses per section, YAML files, dotted `section.key=value` overrides.
 
-A run config is one YAML file (it may name a `base:` file, merged underneath it) plus command-line
+A run config is one YAML file (it may name `base:` files, merged underneath it) plus command-line
 overrides. Every key is checked against the dataclass fields at load time: an unknown key, a value
 of the wrong type, a value outside a fixed set of choices or an invalid combination raises
 `ConfigError` with a message naming the key and what is allowed.
@@ -303,7 +303,8 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def _read_yaml(path: pathlib.Path) -> dict:
-  """Reads a YAML file and, recursively, the `base:` file it names (relative to it)."""
+  """Reads a YAML file and, recursively, the `base:` file it names (relative to it) or a list of
+  them, merged in order (a model preset, then a mesh preset), the file's own keys on top."""
   if not path.is_file():
     raise ConfigError(f"config file '{path}' does not exist")
   try:
@@ -312,8 +313,15 @@ def _read_yaml(path: pathlib.Path) -> dict:
     raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
   if not isinstance(raw, dict):
     raise ConfigError(f"config file '{path}' must hold a mapping at top level")
-  base = raw.pop("base", None)
-  return _merge(_read_yaml(path.parent / base), raw) if base else raw
+  bases = raw.pop("base", None) or []
+  bases = [bases] if isinstance(bases, str) else bases
+  if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+    raise ConfigError(f"config file '{path}': 'base' must be a file name or a list of file names, "
+                      f"got {bases!r}")
+  merged: dict = {}
+  for base in bases:
+    merged = _merge(merged, _read_yaml(path.parent / base))
+  return _merge(merged, raw)
 
 
 def _apply_override(tree: dict, override: str) -> None:
