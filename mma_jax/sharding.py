@@ -9,6 +9,7 @@ prints the plan per parameter group and ends with `per_device_bytes=<int>`; it n
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Mapping, Sequence
 
@@ -141,10 +142,19 @@ def constrain(x, logical_axes: Sequence[str | None]):
 # ------------------------------------------------------------------------------------ multi-host
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-  """Starts multi-process JAX. On TPU VMs every argument is discovered automatically; other
-  clusters pass the coordinator address, process count and this process's id."""
-  if coordinator is None and num_processes is None and jax.default_backend() != "tpu":
-    return  # a single process: nothing to join
+  """Starts multi-process JAX; call it before anything touches the devices. On TPU VMs every
+  argument is discovered automatically; other clusters pass the coordinator address, process count
+  and this process's id. Without arguments and without TPU support installed: one process."""
+  if coordinator is None and num_processes is None:
+    # Asking jax.default_backend() would start the backend, after which jax.distributed refuses
+    # to initialise: look for the TPU runtime package instead, and let jax find the pod slice.
+    if importlib.util.find_spec("libtpu") is None:
+      return
+    try:
+      jax.distributed.initialize()
+    except ValueError:  # no cluster found (jax asks for a coordinator address): one process
+      pass
+    return
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id)
 
@@ -157,3 +167,9 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+if __name__ == "__main__":
+  from mma_jax.sharding_describe import main  # the planner imports models: kept off this module's path
+
+  raise SystemExit(main())
