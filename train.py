@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     prepare_data(config)
     run = Run(config, run_dir)
     _, state, _ = run.train()
-  except TrainingError as e:
+  except (TrainingError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   finished = int(state["step"]) >= config.train.steps

@@ -151,8 +151,10 @@ class DecoderLLM(nnx.Module):
                                    window_lo=window_lo, window_hi=window_hi, tokens=tokens,
                                    embeddings=embeddings))
 
-  def hidden(self, *, positions, segment_ids, window_lo, window_hi, tokens=None, embeddings=None):
-    """The final normalised hidden states [B, L, E] (the head's input)."""
+  def hidden(self, *, positions, segment_ids, window_lo, window_hi, tokens=None, embeddings=None,
+             **unused):
+    """The final normalised hidden states [B, L, E] (the head's input). Other batch-contract
+    fields (targets, loss_mask, images of a text-only model, ...) are ignored."""
     if (tokens is None) == (embeddings is None):
       raise ValueError("pass exactly one of tokens or embeddings")
     x = self.embed_tokens(tokens) if embeddings is None else embeddings.astype(self.embed.dtype)

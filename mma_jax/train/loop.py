@@ -8,7 +8,6 @@ the last good checkpoint in place.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import pathlib
@@ -18,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mma_jax.config import Config, to_yaml
+from mma_jax.config import Config, ConfigError, to_yaml
 from mma_jax.convert.store import load_model
 from mma_jax.convert.transfer import build_with_params
 from mma_jax.models import build_model
@@ -86,6 +85,11 @@ class Run:
 
     self.config, self.run_dir = config, pathlib.Path(run_dir)
     self.mesh = make_mesh(config.mesh)
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if (config.train.batch_size // config.train.grad_accum) % shards:
+      raise ConfigError(f"config key 'train.batch_size': {config.train.batch_size} rows "
+                        f"(/ grad_accum {config.train.grad_accum}) do not split over "
+                        f"data x fsdp = {shards} devices")
     self.pipeline = pipeline or DataPipeline.from_config(
         config, split=config.data.train_split, num_image_tokens=image_tokens(config))
     self._eval_pipeline = eval_pipeline

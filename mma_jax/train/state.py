@@ -66,8 +66,10 @@ def init_train_state(config: Config, mesh: Mesh | None = None, model: nnx.Module
       opt_state = jax.jit(init, out_shardings=tree_shardings(abstract, mesh))(params)
   else:
     opt_state = init(params)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen,
-           "opt_state": opt_state}
+  step = jnp.zeros((), jnp.int32)
+  if mesh is not None:  # placed as the jitted step returns it, or the step compiles twice
+    step = jax.device_put(step, NamedSharding(mesh, P()))
+  state = {"step": step, "params": params, "frozen": frozen, "opt_state": opt_state}
   return graphdef, state, optimizer
 
 

@@ -1,0 +1,180 @@
+"""Training: exact resume (SIGTERM and SIGKILL), accumulation, frozen tower, mesh change on
+restore, NaN stop, corrupt-checkpoint fallback, and a short demo run."""
+import dataclasses
+import json
+import shutil
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mma_jax.config import load_config, to_yaml
+from mma_jax.sharding import make_mesh
+from mma_jax.train.checkpoint import RunCheckpoints
+from mma_jax.train.loop import Run, TrainingError
+from mma_jax.train.state import init_train_state
+from mma_jax.train.step import make_train_step
+from test_sharding import make_batch, tiny_config
+
+ROOT = pathlib.Path(__file__).parent.parent
+TINY = [  # the demo's shape, shrunk: a 16x16 tower, 2 latents, a 2-layer decoder
+    "model.vision.image_size=16", "model.vision.hidden_size=16", "model.vision.intermediate_size=32",
+    "model.vision.num_layers=1", "model.vision.num_heads=2", "model.connector.num_latents=2",
+    "model.connector.num_heads=2", "model.connector.head_dim=8", "model.llm.hidden_size=32",
+    "model.llm.intermediate_size=64", "model.llm.num_layers=2", "data.max_length=80",
+    "train.batch_size=8", "train.log_every=1", "train.warmup_steps=2", "data.read_threads=1",
+    "data.pack_window=16", "checkpoint.async_save=false",
+]
+
+
+def run_config(data_dir, run_dir, *extra):
+  return load_config(ROOT / "configs/demo.yaml",
+                     TINY + [f"data.data_dir={data_dir}", f"checkpoint.dir={run_dir}", *extra])
+
+
+def params_of(state):
+  return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+def train(config):
+  run = Run(config, config.checkpoint.dir)
+  _, state, _ = run.train()
+  return state, run
+
+
+def test_resume_after_sigterm_and_sigkill_is_bitwise_exact(easy_vqa_dir, tmp_path):
+  steps = 6
+  reference, _ = train(run_config(easy_vqa_dir, tmp_path / "straight", f"train.steps={steps}",
+                                  "checkpoint.every=3"))
+  for how in ("sigterm", "sigkill"):
+    run_dir = tmp_path / how
+    config = run_config(easy_vqa_dir, run_dir, f"train.steps={steps}", "checkpoint.every=3")
+    (tmp_path / f"{how}.yaml").write_text(to_yaml(config))
+    child = subprocess.Popen([sys.executable, "train.py", str(tmp_path / f"{how}.yaml"),
+                              "--no-eval"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    checkpoint = run_dir / "checkpoints" / "3"
+    deadline = time.time() + 240
+    while not checkpoint.is_dir() and child.poll() is None and time.time() < deadline:
+      time.sleep(0.2)
+    assert checkpoint.is_dir(), child.communicate()[0][-3000:]
+    child.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    output = child.communicate(timeout=240)[0]
+    if how == "sigterm":  # saved at the step boundary and exited cleanly
+      assert child.returncode == 0, output[-3000:]
+      assert "preempted" in output
+    else:
+      assert child.returncode == -signal.SIGKILL
+    stopped_at = RunCheckpoints(run_dir, every=3, keep=3).latest_step()
+    assert 3 <= stopped_at < steps
+    resumed, run = train(config)  # picks up the newest checkpoint and its data position
+    for a, b in zip(params_of(resumed), params_of(reference)):
+      np.testing.assert_array_equal(a, b)
+    assert int(resumed["step"]) == steps
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  results = []
+  for accum in (1, 4):
+    config = tiny_config(grad_accum=accum)
+    graphdef, state, optimizer = init_train_state(config)
+    step = jax.jit(make_train_step(graphdef, optimizer, config.train))
+    new_state, metrics = step(state, make_batch())
+    results.append((float(metrics["loss"]), jax.tree.leaves(new_state["params"])))
+  assert abs(results[0][0] - results[1][0]) <= 1e-6
+  for a, b in zip(results[0][1], results[1][1]):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_frozen_tower_is_untouched_and_has_no_optimizer_state():
+  config = tiny_config()
+  graphdef, state, optimizer = init_train_state(config)
+  before = [np.asarray(x) for x in jax.tree.leaves(state["frozen"])]
+  assert before and jax.tree.leaves(state["frozen"])
+  opt_paths = {jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]}
+  assert opt_paths and not any("vision" in p for p in opt_paths)
+  assert any("connector" in p for p in opt_paths)
+  step = jax.jit(make_train_step(graphdef, optimizer, config.train))
+  for seed in range(3):
+    state, _ = step(state, make_batch(seed))
+  for a, b in zip(before, jax.tree.leaves(state["frozen"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_restore_onto_another_mesh_continues_with_the_same_loss(easy_vqa_dir, tmp_path):
+  def config(run_dir, mesh):
+    return run_config(easy_vqa_dir, run_dir, "train.steps=3", "checkpoint.every=2",
+                      "train.batch_size=8", *(f"mesh.{a}={n}" for a, n in zip(
+                          ("data", "fsdp", "tensor"), mesh)))
+
+  def losses(run_dir):
+    return {int(r["step"]): r["loss"] for r in map(json.loads, (
+        run_dir / "metrics.jsonl").read_text().splitlines())}
+
+  train(config(tmp_path / "fsdp", (1, 8, 1)))
+  shutil.copytree(tmp_path / "fsdp", tmp_path / "mixed")
+  shutil.rmtree(tmp_path / "mixed" / "checkpoints" / "3")   # resume from step 2 ...
+  train(config(tmp_path / "mixed", (2, 2, 2)))               # ... on another mesh
+  assert abs(losses(tmp_path / "mixed")[3] - losses(tmp_path / "fsdp")[3]) <= 1e-5
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(easy_vqa_dir, tmp_path):
+  config = run_config(easy_vqa_dir, tmp_path / "run", "train.steps=2", "checkpoint.every=2")
+  train(config)
+  poisoned = dataclasses.replace(config, train=dataclasses.replace(
+      config.train, steps=6, learning_rate=1e30, min_learning_rate=1e29, clip_norm=1e30,
+      warmup_steps=0))
+  with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d; stopping\. The last "
+                                          r"good checkpoint \(step 2\) is kept"):
+    train(poisoned)
+  assert RunCheckpoints(tmp_path / "run", every=2, keep=3).latest_step() == 2
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(easy_vqa_dir, tmp_path, caplog):
+  config = run_config(easy_vqa_dir, tmp_path / "run", "train.steps=4", "checkpoint.every=2")
+  train(config)
+  state_dir = tmp_path / "run" / "checkpoints" / "4" / "state"
+  for path in state_dir.rglob("*"):
+    if path.is_file() and path.stat().st_size > 0 and "manifest" in path.name:
+      path.write_bytes(b"garbage")
+  graphdef, template, _ = init_train_state(config, make_mesh(config.mesh))
+  step, _, _ = RunCheckpoints(tmp_path / "run", every=2, keep=3).restore(template)
+  assert step == 2
+  assert "checkpoint step 4" in caplog.text and "unreadable" in caplog.text
+
+
+def test_short_demo_prints_the_contract_line(easy_vqa_dir, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "train.py", "configs/demo.yaml", *TINY, "train.steps=4",
+       f"data.data_dir={easy_vqa_dir}", f"checkpoint.dir={tmp_path / 'demo'}", "eval.limit=64",
+       "eval.batch_size=32"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert [l.split(":")[0] for l in lines[:-1]] == ["yes_no", "shape", "color"]
+  name_values = dict(part.split("=") for part in lines[-1].split())
+  assert list(name_values) == ["accuracy", "majority", "text_only"]
+  assert float(name_values["majority"]) == pytest.approx(0.3733, abs=1e-4)
+  assert float(name_values["text_only"]) == pytest.approx(0.6700, abs=1e-4)
+  assert (tmp_path / "demo" / "metrics.jsonl").is_file()
+  assert any((tmp_path / "demo" / "tensorboard").iterdir())
+
+
+def test_text_only_model_trains_on_batch_contract_fields():
+  config = dataclasses.replace(tiny_config(), model=dataclasses.replace(
+      tiny_config().model, vision=None, connector=None))
+  graphdef, state, optimizer = init_train_state(config)
+  batch = {k: v for k, v in make_batch().items() if k not in ("images", "image_valid")}
+  batch["image_token_index"] = np.full_like(batch["image_token_index"], -1)
+  step = jax.jit(make_train_step(graphdef, optimizer, config.train))
+  before = jax.tree.map(np.asarray, state["params"])
+  state, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["answer_tokens"]) == 32.0
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(before), jax.tree.leaves(state["params"])))
