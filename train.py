@@ -61,7 +61,8 @@ def evaluate_easy_vqa(config, run) -> list[str]:
   tally = easy_vqa.evaluate(run.graphdef, state["params"], state["frozen"], layout,
                             source(data.eval_split), image_size=vision.image_size,
                             image_norm=vision.family, batch_size=config.eval.batch_size,
-                            max_length=data.max_length, limit=config.eval.limit)
+                            max_length=data.max_length, limit=config.eval.limit,
+                            system_prompt=data.system_prompt)
   majority, text_only = easy_vqa.baselines(source(data.train_split), source(data.eval_split))
   return easy_vqa.report(tally, majority, text_only).lines()
 

@@ -192,6 +192,7 @@ class DataConfig:
   image_size: int = 0                    # 0 = model.vision.image_size
   image_norm: Literal["auto", "siglip", "clip"] = "auto"   # auto = model.vision.family
   pack_window: int = 128                 # examples first-fit packed together
+  system_prompt: str | None = None       # None: the template's default; "": no system block
 
 
 # --------------------------------------------------------------------------------------------- train

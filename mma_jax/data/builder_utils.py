@@ -32,6 +32,18 @@ def prepare(name: str, data_dir: str | pathlib.Path, manual_dir: str | pathlib.P
   return builder
 
 
+def manual_splits(name: str, manual_dir, suffix: str) -> dict[str, pathlib.Path]:
+  """{split: manual_dir/<split><suffix>} for the split files present; none is an error naming
+  the files looked for."""
+  manual_dir = pathlib.Path(manual_dir)
+  files = {split: manual_dir / f"{split}{suffix}" for split in SPLITS}
+  found = {split: path for split, path in files.items() if path.is_file()}
+  if not found:
+    raise FileNotFoundError(f"{name}: manual_dir '{manual_dir}' holds none of "
+                            f"{', '.join(p.name for p in files.values())}")
+  return found
+
+
 def checked_image_bytes(path: pathlib.Path) -> bytes:
   """The file's bytes, if it exists and its header parses as an image (PIL verify: cheap, no
   full decode; the pipeline still counts images that fail to decode later)."""

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mma_jax.data.builder_utils import SPLITS, RowError, SplitTally, checked_image_bytes
+from mma_jax.data.builder_utils import RowError, SplitTally, checked_image_bytes, manual_splits
 from mma_jax.data.images import ImageError
 from mma_jax.templates import IMAGE_TOKEN
 
@@ -66,13 +66,8 @@ class ImageCaptions(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)
-    files = {split: manual_dir / f"{split}.jsonl" for split in SPLITS}
-    found = {split: path for split, path in files.items() if path.is_file()}
-    if not found:
-      raise FileNotFoundError(f"image_captions: manual_dir '{manual_dir}' holds none of "
-                              f"{', '.join(p.name for p in files.values())}")
     return {split: self._generate_examples(split, path, manual_dir / "images")
-            for split, path in found.items()}
+            for split, path in manual_splits("image_captions", manual_dir, ".jsonl").items()}
 
   def _generate_examples(self, split: str, path: pathlib.Path, images_dir: pathlib.Path):
     tally = SplitTally(self, split, path)

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mma_jax.data.builder_utils import SPLITS, RowError, SplitTally, checked_image_bytes
+from mma_jax.data.builder_utils import RowError, SplitTally, checked_image_bytes, manual_splits
 from mma_jax.data.images import ImageError
 from mma_jax.layout import Conversation, ConversationError
 from mma_jax.layout import _check_conversation as check_conversation   # the layout's own rules
@@ -85,13 +85,8 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)
-    files = {split: manual_dir / f"{split}.json" for split in SPLITS}
-    found = {split: path for split, path in files.items() if path.is_file()}
-    if not found:
-      raise FileNotFoundError(f"llava_instruct: manual_dir '{manual_dir}' holds none of "
-                              f"{', '.join(p.name for p in files.values())}")
     return {split: self._generate_examples(split, path, manual_dir / "images")
-            for split, path in found.items()}
+            for split, path in manual_splits("llava_instruct", manual_dir, ".json").items()}
 
   def _generate_examples(self, split: str, path: pathlib.Path, images_dir: pathlib.Path):
     try:

@@ -113,6 +113,13 @@ READERS: dict[str, Callable[[Any], LayoutInput]] = {
 
 
 # ---------------------------------------------------------------------------- record -> example
+def with_system(conversation: Conversation, system_prompt: str | None) -> Conversation:
+  """The conversation under the run's system prompt (None keeps the template's default)."""
+  if system_prompt is None:
+    return conversation
+  return dataclasses.replace(conversation, system=system_prompt)
+
+
 class SkipExample(ValueError):
   def __init__(self, reason: str, message: str):
     super().__init__(message)
@@ -126,8 +133,9 @@ class MakeExample(grain.transforms.Map):
 
   def __init__(self, *, dataset: str, tokenizer, template: str, mask_mode: str,
                num_image_tokens: int, max_length: int, too_long: str, images_per_row: int,
-               image_size: int):
+               image_size: int, system_prompt: str | None = None):
     self.read = READERS[dataset]
+    self.system_prompt = system_prompt
     self.tokenizer, self.template, self.mask_mode = tokenizer, template, mask_mode
     self.num_image_tokens, self.max_length, self.too_long = num_image_tokens, max_length, too_long
     self.images_per_row, self.image_size = images_per_row, image_size
@@ -170,7 +178,7 @@ class MakeExample(grain.transforms.Map):
       if item.caption is not None:
         example = layout.caption(item.caption, num_images=len(item.images))
       else:
-        example = layout.conversation(item.conversation)
+        example = layout.conversation(with_system(item.conversation, self.system_prompt))
     fields = example_fields(example)
     truncated = example.length > self.max_length
     if truncated:
@@ -381,6 +389,7 @@ class DataPipeline:
   num_workers: worker processes for MakeExample (0: threads of this process only; the output is
     the same either way). read_threads: reader threads per process.
   process_index / process_count: this JAX process's shard (default: jax.process_index/count).
+  system_prompt: conversations' system prompt (None: the template's default; "": none).
   """
 
   def __init__(self, source, *, dataset: str, tokenizer, num_image_tokens: int, batch_size: int,
@@ -389,7 +398,7 @@ class DataPipeline:
                image_size: int = 384, image_norm: str = "siglip", seed: int = 0,
                shuffle: bool = True, num_epochs: int | None = None, pack_window: int = 128,
                num_workers: int = 0, read_threads: int = 8, process_index: int | None = None,
-               process_count: int | None = None):
+               process_count: int | None = None, system_prompt: str | None = None):
     checks = {
         "dataset": (dataset in READERS, f"one of {', '.join(READERS)}"),
         "too_long": (too_long in ("truncate", "drop"), "truncate or drop"),
@@ -418,7 +427,7 @@ class DataPipeline:
     self.make_example = MakeExample(
         dataset=dataset, tokenizer=tokenizer, template=template, mask_mode=mask_mode,
         num_image_tokens=num_image_tokens, max_length=max_length, too_long=too_long,
-        images_per_row=images_per_row, image_size=image_size)
+        images_per_row=images_per_row, image_size=image_size, system_prompt=system_prompt)
 
   @classmethod
   def from_config(cls, config, *, split: str, num_image_tokens: int, training: bool = True,
@@ -445,7 +454,7 @@ class DataPipeline:
         image_norm=vision.family if data.image_norm == "auto" else data.image_norm,
         seed=data.seed, shuffle=training, num_epochs=None if training else 1,
         pack_window=data.pack_window, num_workers=data.num_workers,
-        read_threads=data.read_threads)
+        read_threads=data.read_threads, system_prompt=data.system_prompt)
     kwargs.update(overrides)
     source = tfds.data_source(data.dataset, split=split, data_dir=data.data_dir or None)
     return cls(source, **kwargs)

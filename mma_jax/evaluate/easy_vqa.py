@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mma_jax.data.images import preprocess
 from mma_jax.data.packing import example_fields, merge_row
-from mma_jax.data.pipeline import _text, easy_vqa_input
+from mma_jax.data.pipeline import _text, easy_vqa_input, with_system
 from mma_jax.layout import ChatLayout
 from mma_jax.train.loss import answer_positions
 
@@ -64,7 +64,8 @@ def baselines(train_source, test_source) -> tuple[float, float]:
 
 
 def evaluate(graphdef, params, frozen, layout: ChatLayout, source, *, image_size: int,
-             image_norm: str, batch_size: int, max_length: int, limit: int = 0) -> dict:
+             image_norm: str, batch_size: int, max_length: int, limit: int = 0,
+             system_prompt: str | None = None) -> dict:
   """{question type: (correct, total)} over `source` (a tfds easy_vqa split)."""
 
   @functools.partial(jax.jit, static_argnames="answer_slots")
@@ -84,7 +85,8 @@ def evaluate(graphdef, params, frozen, layout: ChatLayout, source, *, image_size
     rows, images = [], []
     for record in records:
       item = easy_vqa_input(record)
-      rows.append(merge_row([example_fields(layout.conversation(item.conversation))],
+      conversation = with_system(item.conversation, system_prompt)
+      rows.append(merge_row([example_fields(layout.conversation(conversation))],
                             max_length, layout.num_image_tokens))
       images.append(preprocess(item.images[0], image_size, image_norm))
     pad = batch_size - len(rows)   # a full batch keeps one compiled shape
