@@ -91,22 +91,21 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int],
   return P(*out)
 
 
-def _axes(variable: nnx.Variable) -> tuple:
-  return tuple(variable.get_metadata().get("out_sharding") or ())
+def tree_shardings(tree, mesh: Mesh):
+  """NamedShardings for a pytree of nnx Variables (by their logical axes; same structure) and
+  plain arrays (replicated: step counters, schedules' counts)."""
+  sizes = dict(mesh.shape)
 
+  def one(leaf):
+    if isinstance(leaf, nnx.Variable):
+      value = leaf.get_value()
+      if not hasattr(value, "shape"):  # optax's MaskedNode: a placeholder without arrays
+        return leaf
+      axes = tuple(leaf.get_metadata().get("out_sharding") or ())
+      return leaf.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, sizes)))
+    return NamedSharding(mesh, P())
 
-def state_specs(state: nnx.State, sizes: Mapping[str, int]) -> nnx.State:
-  """The PartitionSpec of every variable in `state` (same structure; values replaced)."""
-  def one(variable):
-    value = variable.get_value()
-    return variable.replace(logical_to_spec(_axes(variable), value.shape, sizes))
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-  specs = state_specs(state, dict(mesh.shape))
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def create_sharded(build, mesh: Mesh) -> nnx.Module:
@@ -114,7 +113,7 @@ def create_sharded(build, mesh: Mesh) -> nnx.Module:
   materialised whole on one."""
   abstract = nnx.eval_shape(build)
   graphdef, abstract_state = nnx.split(abstract)
-  shardings = state_shardings(abstract_state, mesh)
+  shardings = tree_shardings(abstract_state, mesh)
 
   @jax.jit
   def init():
@@ -128,15 +127,6 @@ def create_sharded(build, mesh: Mesh) -> nnx.Module:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Batch-contract arrays: leading axis over (data, fsdp), the rest replicated."""
   return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
-
-
-def constrain(x, logical_axes: Sequence[str | None]):
-  """with_sharding_constraint by logical names under the active mesh; a no-op without one."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  return jax.lax.with_sharding_constraint(
-      x, logical_to_spec(logical_axes, x.shape, dict(mesh.shape)))
 
 
 # ------------------------------------------------------------------------------------ multi-host

@@ -16,7 +16,8 @@ from mma_jax.config import ConfigError, load_config
 from mma_jax.models import build_model
 from mma_jax.sharding_describe import main, mesh_sizes, plan
 from mma_jax.train.optimizer import make_optimizer
-from mma_jax.train.state import trainable_filter, tree_shardings
+from mma_jax.sharding import tree_shardings
+from mma_jax.train.state import trainable_filter
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 AKI = REPO / "configs" / "model" / "aki_phi35.yaml"

@@ -13,7 +13,6 @@ from mma_jax.convert.keymap import IDENTITY, LINEAR, Rule, expand, split_rows
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                     "phi3": "Phi3ForCausalLM"}
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3"}
 # Keys HF may store that carry no parameters of ours.
 IGNORED = ("*rotary_emb.inv_freq",)
 
@@ -96,7 +95,7 @@ def llm_config_to_hf(cfg: LLMConfig) -> dict:
     if rope.attention_factor is not None:
       params["attention_factor"] = rope.attention_factor
   hf = {
-      "architectures": [HF_ARCHITECTURES[cfg.family]], "model_type": MODEL_TYPES[cfg.family],
+      "architectures": [HF_ARCHITECTURES[cfg.family]], "model_type": cfg.family,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
       "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
       "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,

@@ -20,11 +20,6 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nn
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
-def axes_of(variable: nnx.Variable) -> Axes:
-  """The logical axis names of a parameter created by `param`."""
-  return tuple(variable.get_metadata().get("out_sharding") or ())
-
-
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias); kernel [in, out] with logical axes (in_axis, out_axis)."""
 

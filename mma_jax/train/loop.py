@@ -22,11 +22,12 @@ from mma_jax.convert.store import load_model
 from mma_jax.convert.transfer import build_with_params
 from mma_jax.models import build_model
 from mma_jax.models.connector import tokens_per_image
-from mma_jax.sharding import create_sharded, global_batch, is_main_process, make_mesh
+from mma_jax.sharding import (create_sharded, global_batch, is_main_process, make_mesh,
+                              tree_shardings)
 from mma_jax.train.checkpoint import RunCheckpoints
 from mma_jax.train.loss import token_loss_sums
 from mma_jax.train.metrics import RunMetrics, train_flops_per_token
-from mma_jax.train.state import init_train_state, tree_shardings
+from mma_jax.train.state import init_train_state
 from mma_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)

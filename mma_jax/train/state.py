@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mma_jax.config import Config
 from mma_jax.models import build_model
-from mma_jax.sharding import create_sharded, logical_to_spec
+from mma_jax.sharding import create_sharded, tree_shardings
 from mma_jax.train.optimizer import make_optimizer
 
 
@@ -26,23 +26,6 @@ def trainable_filter(config: Config):
   if m.kind == "mllm" and m.freeze_vision:
     return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision")))
   return nnx.Param
-
-
-def tree_shardings(tree, mesh: Mesh):
-  """NamedShardings for a pytree of nnx Variables (by their logical axes) and plain arrays
-  (replicated: step counters, schedules' counts)."""
-  sizes = dict(mesh.shape)
-
-  def one(leaf):
-    if isinstance(leaf, nnx.Variable):
-      value = leaf.get_value()
-      if not hasattr(value, "shape"):  # optax's MaskedNode: a placeholder without arrays
-        return leaf
-      axes = tuple(leaf.get_metadata().get("out_sharding") or ())
-      return leaf.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, sizes)))
-    return NamedSharding(mesh, P())
-
-  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def split_model(model: nnx.Module, config: Config):

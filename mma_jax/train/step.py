@@ -9,10 +9,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mma_jax.config import TrainConfig
-from mma_jax.sharding import batch_sharding
+from mma_jax.sharding import batch_sharding, tree_shardings
 from mma_jax.train.loss import token_loss_sums
 from mma_jax.train.optimizer import learning_rate
-from mma_jax.train.state import tree_shardings
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, t: TrainConfig):
