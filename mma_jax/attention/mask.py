@@ -30,6 +30,21 @@ def materialize(segment_ids, window_lo, window_hi):
                  window_lo[..., :, None], window_hi[..., :, None])
 
 
+# ---------------------------------------------------------------------------------------------
+# Block schedules: which kv blocks each q block needs (and, transposed, which q blocks each kv
+# block needs). A blocked kernel visits only these tiles of the L x L score matrix.
+#
+# A q block needs the union of two ranges of kv blocks:
+#   causal  [first segment start of its rows, its last row]
+#   window  [min window_lo, max window_hi) over its rows whose window is not empty
+# Each range is an interval of blocks, so a schedule row is at most two intervals, stored as
+# int32 (start1, count1, start2, count): step s visits block start1 + s for s < count1, else
+# start2 + s - count1; steps s >= count repeat the last block and do no work.
+# ---------------------------------------------------------------------------------------------
+
+SCHEDULE_FIELDS = 4  # start1, count1, start2, count
+
+
 def segment_starts(segment_ids):
   """[B, L] -> [B, L]: the first position of each token's segment id (O(L) per example).
 
