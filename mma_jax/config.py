@@ -149,6 +149,7 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"        # compute dtype
   param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
   scan_layers: bool = False              # lax.scan over the stacked decoder layers
+  remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"   # per-layer rematerialisation
   init_from: str = ""                    # a converted checkpoint directory
 
 

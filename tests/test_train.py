@@ -179,3 +179,36 @@ def test_text_only_model_trains_on_batch_contract_fields():
   assert np.isfinite(float(metrics["loss"])) and float(metrics["answer_tokens"]) == 32.0
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(before), jax.tree.leaves(state["params"])))
+
+
+def test_init_from_a_converted_checkpoint_starts_from_its_weights(tmp_path):
+  """model.init_from loads the checkpoint's weights (not the seeded init), even when the run
+  config names other special token ids; another architecture is refused, naming init_from."""
+  from flax import nnx
+
+  from mma_jax.convert.store import save_model
+  from mma_jax.convert.transfer import flatten
+  from mma_jax.models import build_model
+  from mma_jax.train.loop import initial_model
+
+  source = tiny_config()
+  source = dataclasses.replace(source, model=dataclasses.replace(
+      source.model, llm=dataclasses.replace(source.model.llm, pad_token_id=7, eos_token_ids=[3])))
+  _, saved = nnx.split(build_model(source, nnx.Rngs(123)), nnx.Param)
+  saved = {k: np.asarray(v) for k, v in flatten(saved.to_pure_dict()).items()}
+  save_model(tmp_path / "ckpt", saved, source)
+
+  config = tiny_config()
+  config.model.init_from = str(tmp_path / "ckpt")
+  _, loaded = nnx.split(initial_model(config, make_mesh(config.mesh)), nnx.Param)
+  loaded = flatten(loaded.to_pure_dict())
+  assert loaded.keys() == saved.keys()
+  for key, value in saved.items():
+    np.testing.assert_array_equal(np.asarray(loaded[key]), value, err_msg=key)
+  _, fresh = nnx.split(build_model(tiny_config(), nnx.Rngs(0)), nnx.Param)
+  assert any(not np.array_equal(np.asarray(v), saved[k])
+             for k, v in flatten(fresh.to_pure_dict()).items())
+
+  config.model.llm.intermediate_size += 8
+  with pytest.raises(TrainingError, match=r"model.init_from=.*model.llm differs"):
+    initial_model(config, make_mesh(config.mesh))

@@ -10,13 +10,13 @@ from mma_jax.models.vision import VisionTower
 
 
 def build_model(config: Config, rngs: nnx.Rngs) -> nnx.Module:
-  """The model a config describes, with its attention impl, dtypes and layer scanning."""
+  """The model a config describes, with its attention impl, dtypes, layer scanning and remat."""
   m, a = config.model, config.attention
   blocks = (a.block_q, a.block_kv)
   if m.kind == "mllm":
     return MultimodalDecoder(m, impl=a.impl, blocks=blocks, rngs=rngs)
   if m.kind == "vision":
     return VisionTower(m.vision, dtype=m.dtype, param_dtype=m.param_dtype,
-                       scan_layers=m.scan_layers, rngs=rngs)
+                       scan_layers=m.scan_layers, remat=m.remat, rngs=rngs)
   return DecoderLLM(m.llm, impl=a.impl, blocks=blocks, dtype=m.dtype, param_dtype=m.param_dtype,
-                    scan_layers=m.scan_layers, rngs=rngs)
+                    scan_layers=m.scan_layers, remat=m.remat, rngs=rngs)

@@ -73,8 +73,8 @@ class PerceiverResampler(nnx.Module):
 
   def __init__(self, cfg: ConnectorConfig, vision_dim: int, llm_dim: int, *,
                dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False,
-               rngs: nnx.Rngs):
-    self.cfg, self.scan_layers = cfg, scan_layers
+               remat: str = "none", rngs: nnx.Rngs):
+    self.cfg, self.scan_layers, self.remat = cfg, scan_layers, remat
     kw = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
     self.dtype = kw["dtype"]
     # The official init is randn (std 1).
@@ -91,7 +91,8 @@ class PerceiverResampler(nnx.Module):
     latents = jnp.broadcast_to(self.latents[...].astype(self.dtype),
                                (features.shape[0], *self.latents.shape))
     latents = apply_stacked(self.layers, latents, lambda layer, h: layer(features, h),
-                            num_layers=self.cfg.depth, scan=self.scan_layers)
+                            num_layers=self.cfg.depth, scan=self.scan_layers,
+                            remat=self.remat)
     return self.projection(self.norm(latents))
 
 
@@ -112,10 +113,12 @@ class MLPProjector(nnx.Module):
 
 def build_connector(cfg: ConnectorConfig, vision_dim: int, llm_dim: int, *,
                     dtype: str = "float32", param_dtype: str = "float32",
-                    scan_layers: bool = False, rngs: nnx.Rngs) -> nnx.Module:
+                    scan_layers: bool = False, remat: str = "none",
+                    rngs: nnx.Rngs) -> nnx.Module:
   kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   if cfg.type == "perceiver":
-    return PerceiverResampler(cfg, vision_dim, llm_dim, scan_layers=scan_layers, **kw)
+    return PerceiverResampler(cfg, vision_dim, llm_dim, scan_layers=scan_layers, remat=remat,
+                              **kw)
   return MLPProjector(cfg, vision_dim, llm_dim, **kw)
 
 

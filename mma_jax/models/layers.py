@@ -99,17 +99,32 @@ def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs):
   return build(rngs)
 
 
-def apply_stacked(layers: nnx.Module, x, step, *, num_layers: int, scan: bool):
+# What the backward pass keeps of each layer's forward (the rest is recomputed): nothing but the
+# layer input ("full"), every matmul output ("dots"), or the weight matmuls only, not the
+# batch-dimension ones such as attention scores ("dots_no_batch").
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def apply_stacked(layers: nnx.Module, x, step, *, num_layers: int, scan: bool,
+                  remat: str = "none"):
   """x <- step(layer_i, x) for the first `num_layers` stacked layers.
 
   scan=True runs one lax.scan over the stacked parameters (compile time independent of depth);
   scan=False unrolls a Python loop over slices of the same parameters (identical results).
+  remat: "none" or a REMAT_POLICIES name, applied to each layer (trades compute for memory).
   """
   graphdef, state = nnx.split(layers)
   state = jax.tree.map(lambda a: a[:num_layers], state)
 
   def body(carry, layer_state):
     return step(nnx.merge(graphdef, layer_state), carry), None
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
 
   if scan:
     x, _ = jax.lax.scan(body, x, state)

@@ -131,8 +131,8 @@ class DecoderLLM(nnx.Module):
 
   def __init__(self, cfg: LLMConfig, *, impl: str = "auto", blocks: tuple[int, int] = (128, 128),
                dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False,
-               rngs: nnx.Rngs):
-    self.cfg, self.scan_layers = cfg, scan_layers
+               remat: str = "none", rngs: nnx.Rngs):
+    self.cfg, self.scan_layers, self.remat = cfg, scan_layers, remat
     kw = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
     self.embed = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
     self.layers = stack_layers(
@@ -167,7 +167,8 @@ class DecoderLLM(nnx.Module):
     def step(layer, h):
       return layer(h, cos, sin, segment_ids, window_lo, window_hi)
 
-    x = apply_stacked(self.layers, x, step, num_layers=self.cfg.num_layers, scan=self.scan_layers)
+    x = apply_stacked(self.layers, x, step, num_layers=self.cfg.num_layers, scan=self.scan_layers,
+                      remat=self.remat)
     return self.norm(x)
 
   def logits(self, hidden):

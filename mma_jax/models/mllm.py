@@ -20,7 +20,8 @@ from mma_jax.models.vision import VisionTower
 class MultimodalDecoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, impl: str = "auto",
                blocks: tuple[int, int] = (128, 128), rngs: nnx.Rngs):
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
+              remat=cfg.remat)
     self.freeze_vision = cfg.freeze_vision
     self.tokens_per_image = tokens_per_image(cfg.connector, cfg.vision)
     self.vision = VisionTower(cfg.vision, rngs=rngs, **kw)

@@ -112,8 +112,8 @@ class VisionTower(nnx.Module):
   """images [B, H, W, C] -> selected features [B, cfg.num_features, E_vision]."""
 
   def __init__(self, cfg: VisionConfig, *, dtype: str = "float32", param_dtype: str = "float32",
-               scan_layers: bool = False, rngs: nnx.Rngs):
-    self.cfg, self.scan_layers = cfg, scan_layers
+               scan_layers: bool = False, remat: str = "none", rngs: nnx.Rngs):
+    self.cfg, self.scan_layers, self.remat = cfg, scan_layers, remat
     kw = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
     e, clip = cfg.hidden_size, cfg.family == "clip"
     norm = dict(eps=cfg.layer_norm_eps, axis="vision_embed", rngs=rngs, **kw)
@@ -141,7 +141,7 @@ class VisionTower(nnx.Module):
     if self.pre_norm is not None:
       x = self.pre_norm(x)
     x = apply_stacked(self.layers, x, lambda layer, h: layer(h), num_layers=cfg.layers_to_run,
-                      scan=self.scan_layers)
+                      scan=self.scan_layers, remat=self.remat)
     if cfg.post_norm:
       x = self.post_norm(x)
     if cfg.drop_cls:

@@ -8,6 +8,7 @@ the last good checkpoint in place.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import pathlib
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mma_jax.config import Config, ConfigError, to_yaml
+from mma_jax.config import Config, ConfigError, LLMConfig, to_yaml
 from mma_jax.convert.store import load_model
 from mma_jax.convert.transfer import build_with_params
 from mma_jax.models import build_model
@@ -52,6 +53,14 @@ class Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _architecture(part):
+  """A model part's config without the special token ids, which name tokens, not weights (a
+  converted checkpoint keeps its HF config's ids; a run config may state the template's own)."""
+  if isinstance(part, LLMConfig):
+    return dataclasses.replace(part, bos_token_id=None, eos_token_ids=[], pad_token_id=None)
+  return part
+
+
 def initial_model(config: Config, mesh):
   """A fresh model (seeded), or model.init_from's converted checkpoint, born sharded."""
   build = lambda: build_model(config, nnx.Rngs(config.train.seed))
@@ -59,7 +68,7 @@ def initial_model(config: Config, mesh):
     return create_sharded(build, mesh)
   source_config, params = load_model(config.model.init_from)
   for name in ("llm", "vision", "connector"):
-    ours, theirs = getattr(config.model, name), getattr(source_config.model, name)
+    ours, theirs = (_architecture(getattr(m.model, name)) for m in (config, source_config))
     if ours != theirs:
       raise TrainingError(f"model.init_from={config.model.init_from}: its model.{name} differs "
                           f"from this config's ({theirs} vs {ours})")
