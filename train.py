@@ -30,41 +30,18 @@ def parse_args(argv):
 
 def prepare_data(config) -> None:
   """Builds the dataset on first use when it ships with a package (easy_vqa)."""
-  import tensorflow_datasets as tfds
+  from mma_jax.data.builder_utils import prepare_packaged
 
-  import mma_jax.data  # noqa: F401  registers the builders
-  from mma_jax.data.builder_utils import prepare
-
-  data = config.data
-  if data.dataset != "easy_vqa":
-    return
-  builder = tfds.builder(data.dataset, data_dir=data.data_dir or None)
-  if not builder.is_prepared():
-    logging.info("building %s into %s (once)", data.dataset, builder.data_dir)
-    prepare(data.dataset, data.data_dir or builder.data_dir_root)
+  prepare_packaged(config.data.dataset, config.data.data_dir)
 
 
 def evaluate_easy_vqa(config, run) -> list[str]:
-  import tensorflow_datasets as tfds
-
-  from mma_jax.data.tokenizer import load_tokenizer
+  """The easy_vqa test report; eval.py prints the same lines for the run's checkpoint."""
   from mma_jax.evaluate import easy_vqa
-  from mma_jax.layout import ChatLayout
-  from mma_jax.train.loop import image_tokens
 
-  data = config.data
-  source = lambda split: tfds.data_source("easy_vqa", split=split, data_dir=data.data_dir or None)
-  tokenizer, _ = load_tokenizer(data.tokenizer, data.template)
-  layout = ChatLayout(data.template, tokenizer, image_tokens(config), mode=config.attention.mask)
   state = run.state
-  vision = config.model.vision
-  tally = easy_vqa.evaluate(run.graphdef, state["params"], state["frozen"], layout,
-                            source(data.eval_split), image_size=vision.image_size,
-                            image_norm=vision.family, batch_size=config.eval.batch_size,
-                            max_length=data.max_length, limit=config.eval.limit,
-                            system_prompt=data.system_prompt)
-  majority, text_only = easy_vqa.baselines(source(data.train_split), source(data.eval_split))
-  return easy_vqa.report(tally, majority, text_only).lines()
+  return easy_vqa.evaluate_config(config, run.graphdef, state["params"], state["frozen"],
+                                  mesh=run.mesh).lines()
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,12 @@ def run_config(data_dir, run_dir, *extra):
                      TINY + [f"data.data_dir={data_dir}", f"checkpoint.dir={run_dir}", *extra])
 
 
+def demo_command(data_dir, run_dir, *extra):
+  """train.py on the demo config shrunk by TINY (eval.py's tests train their run this way)."""
+  return [sys.executable, "train.py", "configs/demo.yaml", *TINY, f"data.data_dir={data_dir}",
+          f"checkpoint.dir={run_dir}", *extra]
+
+
 def params_of(state):
   return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
@@ -152,9 +158,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(easy_vqa_dir, tmp_
 
 def test_short_demo_prints_the_contract_line(easy_vqa_dir, tmp_path):
   result = subprocess.run(
-      [sys.executable, "train.py", "configs/demo.yaml", *TINY, "train.steps=4",
-       f"data.data_dir={easy_vqa_dir}", f"checkpoint.dir={tmp_path / 'demo'}", "eval.limit=64",
-       "eval.batch_size=32"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+      demo_command(easy_vqa_dir, tmp_path / "demo", "train.steps=4", "eval.limit=64",
+                   "eval.batch_size=32"), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
   assert [l.split(":")[0] for l in lines[:-1]] == ["yes_no", "shape", "color"]

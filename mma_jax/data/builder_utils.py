@@ -32,6 +32,23 @@ def prepare(name: str, data_dir: str | pathlib.Path, manual_dir: str | pathlib.P
   return builder
 
 
+# Datasets whose source ships with a Python package: built on first use, nothing to download.
+PACKAGED = ("easy_vqa",)
+
+
+def prepare_packaged(name: str, data_dir: str = "") -> None:
+  """Builds `name` into `data_dir` (or the tfds default) unless it is built already or does not
+  ship with a package (the others need their manual_dir: build them with `prepare`)."""
+  if name not in PACKAGED:
+    return
+  import mma_jax.data  # noqa: F401  registers the builders
+
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if not builder.is_prepared():
+    logger.info("building %s into %s (once)", name, builder.data_dir)
+    prepare(name, data_dir or builder.data_dir_root)
+
+
 def manual_splits(name: str, manual_dir, suffix: str) -> dict[str, pathlib.Path]:
   """{split: manual_dir/<split><suffix>} for the split files present; none is an error naming
   the files looked for."""
@@ -90,3 +107,15 @@ class SplitTally:
     if not self.kept:
       raise ValueError(f"{self.builder.name}/{self.split}: every row of '{self.source}' was "
                        f"skipped ({dict(self.skipped)}); see the warnings above")
+
+
+def prepare_bundled(data) -> None:
+  """Builds `data.dataset` (a DataConfig) on first use when its source ships in a Python package
+  (easy_vqa); datasets from a manual directory are built explicitly with `prepare`."""
+  if data.dataset != "easy_vqa":
+    return
+  import mma_jax.data  # noqa: F401  registers the builders
+  builder = tfds.builder(data.dataset, data_dir=data.data_dir or None)
+  if not builder.is_prepared():
+    logger.info("building %s into %s (once)", data.dataset, builder.data_dir)
+    prepare(data.dataset, data.data_dir or builder.data_dir_root)

@@ -11,17 +11,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from mma_jax.data.images import preprocess
 from mma_jax.data.packing import example_fields, merge_row
 from mma_jax.data.pipeline import _text, easy_vqa_input, with_system
 from mma_jax.layout import ChatLayout
+from mma_jax.sharding import batch_sharding
 from mma_jax.train.loss import answer_positions
 
 TYPES = ("yes_no", "shape", "color")
@@ -65,10 +68,18 @@ def baselines(train_source, test_source) -> tuple[float, float]:
 
 def evaluate(graphdef, params, frozen, layout: ChatLayout, source, *, image_size: int,
              image_norm: str, batch_size: int, max_length: int, limit: int = 0,
-             system_prompt: str | None = None) -> dict:
-  """{question type: (correct, total)} over `source` (a tfds easy_vqa split)."""
+             system_prompt: str | None = None, mesh: Mesh | None = None,
+             on_result: Callable[[int, dict, bool], None] | None = None) -> dict:
+  """{question type: (correct, total)} over `source` (a tfds easy_vqa split).
 
-  @functools.partial(jax.jit, static_argnames="answer_slots")
+  With a mesh, each batch is split over its data x fsdp axes (padded to a multiple of them).
+  on_result(i, record, correct) is called per scored example (predictions files)."""
+  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  rows_per_batch = -(-batch_size // shards) * shards
+  # With a mesh the result is replicated: every host reads all of it.
+  jit_options = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
+
+  @functools.partial(jax.jit, static_argnames="answer_slots", **jit_options)
   def correct_rows(params, frozen, batch, answer_slots):
     model = nnx.merge(graphdef, params, frozen)
     # The head runs on the answer positions only: [B, slots, V], not [B, L, V].
@@ -89,18 +100,24 @@ def evaluate(graphdef, params, frozen, layout: ChatLayout, source, *, image_size
       rows.append(merge_row([example_fields(layout.conversation(conversation))],
                             max_length, layout.num_image_tokens))
       images.append(preprocess(item.images[0], image_size, image_norm))
-    pad = batch_size - len(rows)   # a full batch keeps one compiled shape
+    pad = rows_per_batch - len(rows)   # a full batch keeps one compiled shape
     rows += [rows[-1]] * pad
     images += [images[-1]] * pad
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     batch["images"] = np.stack(images)[:, None]
-    batch["image_valid"] = np.ones((batch_size, 1), bool)
+    batch["image_valid"] = np.ones((rows_per_batch, 1), bool)
     slots = 1 << int(np.max(np.sum(batch["loss_mask"] > 0, axis=1))).bit_length()
-    correct = np.asarray(correct_rows(params, frozen, batch, slots))[:len(records)]
-    for record, ok in zip(records, correct):
+    if mesh is None:
+      correct = correct_rows(params, frozen, batch, slots)
+    else:
+      with jax.set_mesh(mesh):
+        correct = correct_rows(params, frozen, shard_batch(batch, mesh), slots)
+    for i, (record, ok) in enumerate(zip(records, np.asarray(correct)), start=start):
       kind = _text(record["question_type"])
       tally[kind][0] += int(ok)
       tally[kind][1] += 1
+      if on_result is not None:
+        on_result(i, record, bool(ok))
   return dict(tally)
 
 
@@ -110,3 +127,36 @@ def report(tally: dict, majority: float, text_only: float) -> Report:
   return Report(accuracy=correct / max(total, 1),
                 per_type={k: c / t for k, (c, t) in tally.items()},
                 majority=majority, text_only=text_only, n=total)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """A global batch (the same numpy arrays on every host) -> arrays split over data x fsdp; each
+  host places only the rows of its own devices."""
+  return {k: jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim),
+                                          lambda index, v=v: v[index])
+          for k, v in batch.items()}
+
+
+def evaluate_config(config, graphdef, params, frozen, *, mesh: Mesh | None = None,
+                    on_result: Callable[[int, dict, bool], None] | None = None) -> Report:
+  """The test-split report of an easy_vqa run config (eval.limit, eval.batch_size, the template,
+  tokenizer, system prompt and mask mode of the run): what train.py prints at the end of a run
+  and eval.py prints for its checkpoint."""
+  import tensorflow_datasets as tfds
+
+  import mma_jax.data  # noqa: F401  registers the builders
+  from mma_jax.data.tokenizer import load_tokenizer
+  from mma_jax.train.loop import image_tokens
+
+  data, vision = config.data, config.model.vision
+  source = lambda split: tfds.data_source("easy_vqa", split=split, data_dir=data.data_dir or None)
+  tokenizer, _ = load_tokenizer(data.tokenizer, data.template)
+  layout = ChatLayout(data.template, tokenizer, image_tokens(config), mode=config.attention.mask)
+  tally = evaluate(graphdef, params, frozen, layout, source(data.eval_split),
+                   image_size=data.image_size or vision.image_size,
+                   image_norm=vision.family if data.image_norm == "auto" else data.image_norm,
+                   batch_size=config.eval.batch_size, max_length=data.max_length,
+                   limit=config.eval.limit, system_prompt=data.system_prompt, mesh=mesh,
+                   on_result=on_result)
+  majority, text_only = baselines(source(data.train_split), source(data.eval_split))
+  return report(tally, majority, text_only)

@@ -45,20 +45,42 @@ class RunCheckpoints:
   def restore(self, state_template) -> tuple[int, object, dict] | None:
     """(step, state, data state) of the newest readable checkpoint, or None for a fresh run.
     `state_template` gives the tree, dtypes and target shardings."""
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        state_template)
+    abstract = _abstract(state_template)
+    restored = self._newest(lambda step: self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())))
+    if restored is None:
+      return None
+    step, items = restored
+    return step, items.state, items.data
+
+  def restore_model(self, template) -> tuple[int, dict] | None:
+    """(step, {"params", "frozen"}) of the newest readable checkpoint, reading only those parts
+    of the train state (evaluation needs no optimizer state). `template`: {"params": ...,
+    "frozen": ...} giving the tree, dtypes and target shardings (abstract arrays will do)."""
+    abstract = _abstract(template)
+    restored = self._newest(lambda step: self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True))))
+    return None if restored is None else (restored[0], restored[1].state)
+
+  def _newest(self, read):
+    """(step, read(step)) for the newest step that reads; an unreadable one is logged and the
+    one before it tried."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        return step, read(step)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
         log.error("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
                   step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-        continue
-      return step, restored.state, restored.data
     return None
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)

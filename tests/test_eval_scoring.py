@@ -1,0 +1,238 @@
+"""Benchmark scoring against hand-computed values, the VLMEvalKit TSV reader, prompts, reports."""
+import base64
+import csv
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mma_jax.evaluate import prompts, report, scoring
+from mma_jax.evaluate.tsv import BenchmarkError, read_tsv
+
+OPTIONS = {"A": "blue", "B": "red", "C": "green", "D": "yellow"}
+
+
+# ------------------------------------------------------------------------------ multiple choice
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is (B) red", "B"),
+    ("b", "B"),
+    ("Answer: C.", "C"),
+    ("(D)", "D"),
+    ("B. red", "B"),
+    ("  **C**\n", "C"),
+    ("the correct option is D", "D"),
+    ("red", "B"),                                  # by the option's text
+    ("It is green.", "C"),
+    ("I think it is B", "B"),                      # "I" + word is the pronoun, B the option
+    ("The answer is a yellow one", "D"),           # lower-case "a" is not option A
+    ("red or blue", None),                         # two options named: no answer
+    ("I don't know", None),
+    ("E", None),                                   # not an option
+    ("", None),
+])
+def test_extract_choice(text, expected):
+  assert scoring.extract_choice(text, OPTIONS) == expected
+
+
+def test_extract_choice_prefers_the_longest_named_option_and_skips_the_article():
+  assert scoring.extract_choice("It is dark red.", {"A": "red", "B": "dark red"}) == "B"
+  assert scoring.extract_choice("A red circle", {"A": "square", "B": "circle"}) == "B"
+  assert scoring.extract_choice("A", {"A": "square", "B": "circle"}) == "A"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Yes, there is.", "yes"), ("No.", "no"), ("NO", "no"), ("There is no dog", "no"),
+    ("I would say yes", "yes"), ("yes and no", "yes"), ("Maybe yes, maybe no", None),
+    ("maybe", None), ("", None)])
+def test_extract_yes_no(text, expected):
+  assert scoring.extract_yes_no(text) == expected
+
+
+# ---------------------------------------------------------------------------------- short answer
+@pytest.mark.parametrize("text, expected", [
+    ("The Two dogs.", "2 dogs"), ("1,000", "1000"), ("3.5", "3.5"), ("T-shirt", "t shirt"),
+    ("don't", "dont"), ("  A  Red   Car! ", "red car"), ("None", "0"), ("yes.", "yes")])
+def test_normalize_answer(text, expected):
+  assert scoring.normalize_answer(text) == expected
+
+
+def test_vqa_match():
+  assert scoring.vqa_match("Two", ["2"])
+  assert scoring.vqa_match("a cat.", ["dog", "cat"])
+  assert not scoring.vqa_match("cats", ["cat"])
+  assert not scoring.vqa_match("", ["cat"])
+
+
+# --------------------------------------------------------------------------------------- metrics
+def test_pope_metrics_on_a_hand_table():
+  gold = ["yes", "yes", "yes", "no", "no", "no", "yes", "no", "yes"]
+  pred = ["yes", "no", "yes", "yes", "no", None, "yes", "no", None]
+  # tp 3 (0, 2, 6), fp 1 (3), fn 2 (1, 8: unparsed), right 5 (0, 2, 4, 6, 7), said yes 4
+  m = scoring.pope_metrics(gold, pred)
+  assert m["accuracy"] == pytest.approx(5 / 9)
+  assert m["precision"] == pytest.approx(3 / 4)
+  assert m["recall"] == pytest.approx(3 / 5)
+  assert m["f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+  assert m["yes_ratio"] == pytest.approx(4 / 9)
+  assert m["n"] == 9
+
+
+def mme_rows():
+  def row(category, image, correct):
+    return {"category": category, "image_key": image, "correct": correct,
+            "extracted": "yes", "answer": "yes"}
+  return [row("existence", "e1.jpg", True), row("existence", "e1.jpg", True),   # both right
+          row("existence", "e2.jpg", True), row("existence", "e2.jpg", False),  # one right
+          row("code_reasoning", "c1.png", False), row("code_reasoning", "c1.png", True)]
+
+
+def test_mme_accuracy_plus_and_score_on_a_hand_table():
+  m = scoring.mme_metrics(mme_rows())
+  existence, code = m["category"]["existence"], m["category"]["code_reasoning"]
+  assert existence["accuracy"] == pytest.approx(0.75)
+  assert existence["accuracy_plus"] == pytest.approx(0.5)
+  assert existence["score"] == pytest.approx(125.0)
+  assert code["accuracy"] == pytest.approx(0.5)
+  assert code["accuracy_plus"] == pytest.approx(0.0)
+  assert code["score"] == pytest.approx(50.0)
+  assert m["overall"]["perception"] == pytest.approx(125.0)
+  assert m["overall"]["cognition"] == pytest.approx(50.0)
+  assert m["overall"]["score"] == pytest.approx(175.0)
+  assert m["overall"]["accuracy"] == pytest.approx(4 / 6)
+  assert scoring.looks_like_mme(["existence", "OCR", "code_reasoning"])
+  assert not scoring.looks_like_mme(["adversarial", "popular", "random"])
+
+
+def test_benchmark_metrics_per_task():
+  rows = [{"category": "c1", "l2_category": "x", "split": "dev", "extracted": "A", "answer": "A",
+           "correct": True},
+          {"category": "c1", "l2_category": "x", "split": "dev", "extracted": None,
+           "answer": "B", "correct": False},
+          {"category": "c2", "l2_category": "", "split": "dev", "extracted": "C", "answer": "C",
+           "correct": True}]
+  m = scoring.benchmark_metrics("multiple_choice", rows)
+  assert m["overall"] == {"accuracy": pytest.approx(2 / 3), "n": 3, "unparsed": 1}
+  assert m["category"] == {"c1": {"accuracy": 0.5, "n": 2}, "c2": {"accuracy": 1.0, "n": 1}}
+  assert m["l2_category"] == {"x": {"accuracy": 0.5, "n": 2}}
+  assert m["split"] == {"dev": {"accuracy": pytest.approx(2 / 3), "n": 3}}
+  mme = scoring.benchmark_metrics("mme", mme_rows())
+  assert mme["overall"]["score"] == pytest.approx(175.0) and mme["overall"]["unparsed"] == 0
+  pope = scoring.benchmark_metrics("yes_no", [
+      {"category": "random", "answer": "yes", "extracted": "no", "correct": False},
+      {"category": "random", "answer": "no", "extracted": "no", "correct": True}])
+  assert pope["overall"]["accuracy"] == 0.5 and pope["overall"]["recall"] == 0.0
+  assert pope["category"]["random"]["yes_ratio"] == 0.0
+
+
+# ------------------------------------------------------------------------------------ TSV reader
+def png(color) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((8, 8, 3), color, np.uint8)).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+  return base64.b64encode(data).decode()
+
+
+def write_tsv(path, header, rows):
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f, delimiter="\t")
+    writer.writerow(header)
+    for row in rows:
+      writer.writerow(row)
+  return path
+
+
+def test_tsv_reader_images_references_paths_and_malformed_rows(tmp_path, caplog):
+  red, blue = png((255, 0, 0)), png((0, 0, 255))
+  (tmp_path / "blue.png").write_bytes(blue)
+  header = ["index", "question", "hint", "A", "B", "C", "answer", "category", "image",
+            "image_path"]
+  rows = [
+      ["10", "What color?", "Look.", "red", "blue", "", "A", "color", b64(red), ""],
+      ["11", "Same image?", "nan", "yes", "no", "", "A", "color", "10", ""],       # reference
+      ["12", "Cut short", "", "red"],                                              # missing cells
+      ["13", "Broken", "", "red", "blue", "", "A", "color", b64(b"not an image" * 8), ""],
+      ["14", "Out of range", "", "red", "blue", "green", "E", "color", b64(red), ""],
+      ["15", "From a file", "", "red", "blue", "", "B", "color", "", "blue.png"],
+      ["16", "Not base64", "", "red", "blue", "", "A", "color", "%" * 80, ""],
+      ["17", "Answer as text", "", "red", "blue", "", "blue", "shape", b64(blue), ""],
+      ["18", "Unknown reference", "", "red", "blue", "", "A", "shape", "99", ""],
+  ]
+  path = write_tsv(tmp_path / "MMBench_tiny.tsv", header, rows)
+  with caplog.at_level(logging.WARNING):
+    bench = read_tsv(path)
+  assert bench.name == "MMBench_tiny" and bench.task == "multiple_choice"
+  assert [q.index for q in bench.questions] == ["10", "11", "15", "17"]
+  q10, q11, q15, q17 = bench.questions
+  assert q10.images == [red] and q10.hint == "Look." and q10.options == {"A": "red", "B": "blue"}
+  assert q10.answers == ["A"] and q10.category == "color" and q10.row == 1
+  assert q11.images == [red] and q11.image_key == q10.image_key and q11.hint == ""
+  assert q15.images == [tmp_path / "blue.png"] and q15.image_key == "blue.png"
+  assert q17.answers == ["B"]
+  assert [(s.index, s.row, s.reason) for s in bench.skipped] == [
+      ("12", 3, "missing_column"), ("13", 4, "undecodable_image"),
+      ("14", 5, "answer_not_in_options"), ("16", 7, "undecodable_image"),
+      ("18", 9, "undecodable_image")]
+  for index in ("12", "13", "14", "16", "18"):
+    assert f"MMBench_tiny.tsv: skipping row index {index}" in caplog.text
+
+
+def test_tsv_task_detection_and_file_errors(tmp_path):
+  image = b64(png((0, 255, 0)))
+  yes_no = write_tsv(tmp_path / "POPE.tsv", ["index", "question", "answer", "category", "image"],
+                     [["1", "Is there a dog?", "Yes", "random", image],
+                      ["2", "Is there a cat?", "no", "random", "1"]])
+  bench = read_tsv(yes_no)
+  assert bench.task == "yes_no" and [q.answers for q in bench.questions] == [["yes"], ["no"]]
+  vqa = write_tsv(tmp_path / "vqa.tsv", ["index", "question", "answer", "image"],
+                  [["1", "How many?", "['2', 'two']", image], ["2", "What?", "dog", "1"]])
+  bench = read_tsv(vqa)
+  assert bench.task == "vqa" and bench.questions[0].answers == ["2", "two"]
+  with pytest.raises(BenchmarkError, match="does not exist"):
+    read_tsv(tmp_path / "missing.tsv")
+  no_question = write_tsv(tmp_path / "bad.tsv", ["index", "answer", "image"], [["1", "a", image]])
+  with pytest.raises(BenchmarkError, match="no question column"):
+    read_tsv(no_question)
+
+
+def test_prompts_follow_the_sft_task_prompts(tmp_path):
+  image = b64(png((0, 0, 0)))
+  path = write_tsv(tmp_path / "mc.tsv", ["index", "question", "hint", "A", "B", "answer", "image"],
+                   [["1", "Which?", "A hint.", "red", "blue", "A", image]])
+  question = read_tsv(path).questions[0]
+  assert prompts.user_text(question, "multiple_choice") == (
+      "<image>\nA hint.\nWhich?\nOptions:\nA. red\nB. blue\n"
+      "Answer with the option's letter from the given choices directly.")
+  question.question = "Is it red?"
+  assert prompts.user_text(question, "yes_no") == "<image>\nIs it red? Please answer yes or no."
+  question.question = "Is it red? Please answer yes or no."
+  assert prompts.user_text(question, "yes_no") == "<image>\nIs it red? Please answer yes or no."
+  assert prompts.user_text(question, "vqa") == (
+      "<image>\nAnswer the question using a single word or phrase. "
+      "Is it red? Please answer yes or no.")
+
+
+def test_report_files(tmp_path):
+  metrics = scoring.benchmark_metrics("mme", mme_rows())
+  r = report.build_report(benchmark="MME", source="MME.tsv", task="yes_no", scoring="mme",
+                          metrics=metrics, n_scored=6,
+                          skipped=[{"index": "7", "row": 7, "reason": "undecodable_image",
+                                    "message": "bad | image"}],
+                          checkpoint={"path": "/ckpt", "kind": "run", "step": 4},
+                          settings={"batch_size": 8})
+  report.write_outputs(tmp_path, r, [{"index": "1", "correct": True}])
+  loaded = json.loads((tmp_path / "report.json").read_text())
+  assert loaded["n_skipped"] == 1 and loaded["skipped_by_reason"] == {"undecodable_image": 1}
+  assert loaded["headline"] == {"perception": 125.0, "cognition": 50.0, "score": 175.0,
+                                "accuracy": pytest.approx(4 / 6)}
+  md = (tmp_path / "report.md").read_text()
+  assert "| existence | 0.7500 | 0.5000 | 125.0000 | 4 | 2 |" in md
+  assert "bad \\| image" in md
+  assert (tmp_path / "predictions.jsonl").read_text() == '{"index": "1", "correct": true}\n'
+  assert report.summary_lines(r)[-1] == ("perception=125.0000 cognition=50.0000 "
+                                         "score=175.0000 accuracy=0.6667 n_scored=6 n_skipped=1")
