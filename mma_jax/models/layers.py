@@ -132,3 +132,23 @@ def apply_stacked(layers: nnx.Module, x, step, *, num_layers: int, scan: bool,
     for i in range(num_layers):
       x, _ = body(x, jax.tree.map(lambda a: a[i], state))
   return x
+
+
+def scan_stacked(layers: nnx.Module, carry, step, xs=None, *, num_layers: int, scan: bool):
+  """(carry, ys): carry, y_i <- step(layer_i, carry, x_i) over the first `num_layers` stacked
+  layers, with per-layer inputs `xs` and outputs `ys` stacked on a leading axis (a KV cache shaped
+  like the stacked parameters). Inference only: no remat. scan=False unrolls, same results."""
+  graphdef, state = nnx.split(layers)
+  state = jax.tree.map(lambda a: a[:num_layers], state)
+
+  def body(carry, inputs):
+    layer_state, x = inputs
+    return step(nnx.merge(graphdef, layer_state), carry, x)
+
+  if scan:
+    return jax.lax.scan(body, carry, (state, xs))
+  ys = []
+  for i in range(num_layers):
+    carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+    ys.append(y)
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mma_jax.attention import attend
+from mma_jax.attention import attend, dense_attention
 from mma_jax.config import LLMConfig, RopeConfig
-from mma_jax.models.layers import DTYPES, Embed, Linear, RMSNorm, apply_stacked, stack_layers
+from mma_jax.models.layers import (DTYPES, Embed, Linear, RMSNorm, apply_stacked, scan_stacked,
+                                   stack_layers)
 
 
 # ---------------------------------------------------------------------------------------- rotary
@@ -86,13 +87,41 @@ class Attention(nnx.Module):
     self.o = Linear(h * d, e, ("heads", "embed"), **kw)
 
   def __call__(self, x, cos, sin, segment_ids, window_lo, window_hi):
+    return self.prefill(x, cos, sin, segment_ids, window_lo, window_hi)[0]
+
+  def prefill(self, x, cos, sin, segment_ids, window_lo, window_hi):
+    """Self-attention under the mask vectors -> (output, (k, v)); the rotated keys and values
+    [B, L, K, D] are what a KV cache keeps."""
+    q, k, v = self._project(x, cos, sin)
+    out = attend(q, k, v, segment_ids, window_lo, window_hi, impl=self.impl,
+                 scale=self.head_dim ** -0.5, block_q=self.blocks[0], block_kv=self.blocks[1])
+    return self._output(out), (k, v)
+
+  def decode(self, x, cos, sin, cache, key_valid, index):
+    """x [B, T, E]: new tokens written to cache slots [index, index + T) of cache = (k, v)
+    [B, S, K, D]. Key s is visible to new token t iff key_valid[b, s] (the prompt's non-padding
+    slots and every slot written since) and s <= index + t (causal among the new tokens).
+    Dense attention: T is 1 in generation, so the scores are [B, H, T, S]."""
+    q, k, v = self._project(x, cos, sin)
+    cache_k, cache_v = cache
+    at = (0, index, 0, 0)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
+    slots = jnp.arange(cache_k.shape[1])
+    causal = slots[None, :] <= index + jnp.arange(x.shape[1])[:, None]          # [T, S]
+    mask = key_valid[:, None, :] & causal[None]                                 # [B, T, S]
+    out = dense_attention(q, cache_k, cache_v, mask, scale=self.head_dim ** -0.5)
+    return self._output(out), (cache_k, cache_v)
+
+  def _project(self, x, cos, sin):
     b, length, _ = x.shape
     q = self.q(x).reshape(b, length, self.num_heads, self.head_dim)
     k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
     v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    out = attend(q, k, v, segment_ids, window_lo, window_hi, impl=self.impl,
-                 scale=self.head_dim ** -0.5, block_q=self.blocks[0], block_kv=self.blocks[1])
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+  def _output(self, out):
+    b, length = out.shape[:2]
     return self.o(out.reshape(b, length, self.num_heads * self.head_dim))
 
 
@@ -122,6 +151,18 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, cos, sin, segment_ids, window_lo, window_hi):
     x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids, window_lo, window_hi)
     return x + self.mlp(self.mlp_norm(x))
+
+  def prefill(self, x, cos, sin, segment_ids, window_lo, window_hi):
+    """(output, this layer's (k, v)) for the cache."""
+    h, kv = self.attn.prefill(self.attn_norm(x), cos, sin, segment_ids, window_lo, window_hi)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), kv
+
+  def decode(self, x, cos, sin, cache, key_valid, index):
+    """(output, this layer's updated (k, v) cache); see Attention.decode."""
+    h, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, key_valid, index)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class DecoderLLM(nnx.Module):
@@ -155,13 +196,7 @@ class DecoderLLM(nnx.Module):
              **unused):
     """The final normalised hidden states [B, L, E] (the head's input). Other batch-contract
     fields (targets, loss_mask, images of a text-only model, ...) are ignored."""
-    if (tokens is None) == (embeddings is None):
-      raise ValueError("pass exactly one of tokens or embeddings")
-    x = self.embed_tokens(tokens) if embeddings is None else embeddings.astype(self.embed.dtype)
-    window = self.cfg.sliding_window
-    if window and x.shape[1] > window:
-      # Exact for sequences inside the window; windowed attention itself is not implemented.
-      raise ValueError(f"sequence length {x.shape[1]} exceeds the model's sliding_window={window}")
+    x = self._inputs(tokens, embeddings, x_length=None)
     cos, sin = rotary_tables(self.cfg, positions)
 
     def step(layer, h):
@@ -170,6 +205,61 @@ class DecoderLLM(nnx.Module):
     x = apply_stacked(self.layers, x, step, num_layers=self.cfg.num_layers, scan=self.scan_layers,
                       remat=self.remat)
     return self.norm(x)
+
+  # ------------------------------------------------------------------------------- KV cache
+  # cache = {"k", "v": [layers, B, S, K, D] rotated keys/values (stacked like the layers, so a
+  #          scan over layers walks both); "valid": bool [B, S], the slots a new token may see
+  #          (filled, non-padding); "index": int32 [], the next slot to write}.
+  # One example per row: validity replaces segment ids after the prompt.
+
+  def prefill(self, *, positions, segment_ids, window_lo, window_hi, cache_length: int,
+              tokens=None, embeddings=None, **unused):
+    """The prompt [B, L] under its mask vectors (the MMA windows included) -> (final hidden
+    [B, L, E], a cache of `cache_length` slots holding the prompt in slots [0, L)). Padding
+    (segment 0) is never visible to later tokens."""
+    x = self._inputs(tokens, embeddings, x_length=cache_length)
+    length = x.shape[1]
+    if cache_length < length:
+      raise ValueError(f"cache_length {cache_length} is shorter than the prompt ({length})")
+    cos, sin = rotary_tables(self.cfg, positions)
+
+    def step(layer, h, _):
+      return layer.prefill(h, cos, sin, segment_ids, window_lo, window_hi)
+
+    x, (k, v) = scan_stacked(self.layers, x, step, num_layers=self.cfg.num_layers,
+                             scan=self.scan_layers)
+    grow = ((0, 0), (0, 0), (0, cache_length - length), (0, 0), (0, 0))
+    cache = {"k": jnp.pad(k, grow), "v": jnp.pad(v, grow),
+             "valid": jnp.pad(segment_ids > 0, ((0, 0), (0, cache_length - length))),
+             "index": jnp.asarray(length, jnp.int32)}
+    return self.norm(x), cache
+
+  def decode_step(self, *, positions, cache, tokens=None, embeddings=None):
+    """New tokens [B, T] (T = 1 when generating) at their RoPE `positions` [B, T], attending to
+    the cache causally -> (final hidden [B, T, E], the cache with them written)."""
+    x = self._inputs(tokens, embeddings, x_length=None)
+    b, count = x.shape[:2]
+    index = cache["index"]
+    valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((b, count), bool), (0, index))
+    cos, sin = rotary_tables(self.cfg, positions)
+
+    def step(layer, h, layer_cache):
+      return layer.decode(h, cos, sin, layer_cache, valid, index)
+
+    x, (k, v) = scan_stacked(self.layers, x, step, (cache["k"], cache["v"]),
+                             num_layers=self.cfg.num_layers, scan=self.scan_layers)
+    return self.norm(x), {"k": k, "v": v, "valid": valid, "index": index + count}
+
+  def _inputs(self, tokens, embeddings, *, x_length):
+    """The input embeddings; `x_length` (the cache length) is what must fit the window."""
+    if (tokens is None) == (embeddings is None):
+      raise ValueError("pass exactly one of tokens or embeddings")
+    x = self.embed_tokens(tokens) if embeddings is None else embeddings.astype(self.embed.dtype)
+    window, length = self.cfg.sliding_window, x_length or x.shape[1]
+    if window and length > window:
+      # Exact for sequences inside the window; windowed attention itself is not implemented.
+      raise ValueError(f"sequence length {length} exceeds the model's sliding_window={window}")
+    return x
 
   def logits(self, hidden):
     """hidden [..., E] -> f32 logits [..., V]; training calls it on answer positions only."""

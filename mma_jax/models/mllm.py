@@ -1,5 +1,7 @@
 """MultimodalDecoder: pixels -> vision tower -> connector -> rows scattered into the token
 embeddings at `image_token_index` -> decoder LLM under the batch's mask vectors -> logits.
+For generation, `prefill` runs the prompt with its images and returns a KV cache; `decode_step`
+then feeds text tokens only.
 
 `image_token_index[b, t]` indexes the image rows of batch row b (image n, row r -> n * T + r, with
 T rows per image), -1 for text; packing offsets it per row, so every batch row is self-contained
@@ -59,6 +61,20 @@ class MultimodalDecoder(nnx.Module):
     x = self.embed(tokens, image_token_index, images)
     return self.llm.hidden(embeddings=x, positions=positions, segment_ids=segment_ids,
                            window_lo=window_lo, window_hi=window_hi)
+
+  def prefill(self, *, tokens, positions, segment_ids, window_lo, window_hi, image_token_index,
+              cache_length: int, images=None, image_valid=None, **unused):
+    """The prompt with its images, under its mask vectors (MMA: the image rows' keys and values
+    are computed having seen the question) -> (final hidden [B, L, E], KV cache); see
+    DecoderLLM.prefill."""
+    del image_valid, unused
+    x = self.embed(tokens, image_token_index, images)
+    return self.llm.prefill(embeddings=x, positions=positions, segment_ids=segment_ids,
+                            window_lo=window_lo, window_hi=window_hi, cache_length=cache_length)
+
+  def decode_step(self, *, tokens, positions, cache):
+    """Generated text tokens [B, T] over the cache (images only enter through the prefill)."""
+    return self.llm.decode_step(tokens=tokens, positions=positions, cache=cache)
 
   def logits(self, hidden):
     return self.llm.logits(hidden)
