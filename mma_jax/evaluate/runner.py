@@ -1,0 +1,249 @@
+"""Runs a benchmark on a loaded model and returns its report and per-question predictions.
+
+- easy_vqa: mma_jax.evaluate.easy_vqa, unchanged (teacher-forced exact match with the run's
+  eval settings), so the numbers are the ones training printed for the same checkpoint.
+- VLMEvalKit TSV files: each question becomes a one-turn conversation (prompts.py), is answered
+  by greedy generation (mma_jax.generate) and scored by scoring.py; multiple-choice questions
+  can instead be answered by the option letter the model finds most likely (mode "loglik").
+  A question that cannot be asked (its conversation does not lay out, its image does not decode,
+  its prompt and answer would not fit the model's positions) is skipped like a malformed row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator
+
+from tqdm import tqdm
+
+from mma_jax.data.images import ImageError, resize_rgb
+from mma_jax.evaluate import prompts, scoring
+from mma_jax.evaluate.loading import LoadedModel
+from mma_jax.evaluate.report import build_report
+from mma_jax.evaluate.tsv import Benchmark, Question, Skipped
+from mma_jax.layout import ChatLayout, ConversationError
+
+logger = logging.getLogger(__name__)
+
+MODES = ("generate", "loglik")
+
+
+class EvalError(ValueError):
+  """A benchmark this checkpoint cannot be evaluated on (user error)."""
+
+
+class SkipQuestion(ValueError):
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+@dataclasses.dataclass
+class Prepared:
+  question: Question
+  conversation: object
+  images: list                     # uint8 [S, S, 3] each, resized for the tower
+
+
+def settings_of(loaded: LoadedModel, mode: str) -> dict:
+  c = loaded.config
+  return {"mode": mode, "batch_size": c.eval.batch_size, "limit": c.eval.limit,
+          "max_new_tokens": c.eval.max_new_tokens, "mask": c.attention.mask,
+          "template": c.data.template, "tokenizer": c.data.tokenizer,
+          "system_prompt": c.data.system_prompt,
+          "mesh": {axis: int(size) for axis, size in loaded.mesh.shape.items()}}
+
+
+# --------------------------------------------------------------------------------------- easy_vqa
+def run_easy_vqa(loaded: LoadedModel) -> tuple[dict, list[dict], list[str]]:
+  """(report, predictions, the lines train.py prints)."""
+  from mma_jax.data.builder_utils import prepare_packaged
+  from mma_jax.data.pipeline import _text
+  from mma_jax.evaluate import easy_vqa
+
+  config = loaded.config
+  prepare_packaged("easy_vqa", config.data.data_dir)
+  predictions = []
+
+  def keep(i, record, correct):
+    predictions.append({"index": i, "question": _text(record["question"]),
+                        "question_type": _text(record["question_type"]),
+                        "generation": None, "extracted": None,
+                        "answer": _text(record["answer"]), "correct": correct})
+
+  result = easy_vqa.evaluate_config(config, loaded.graphdef, loaded.params, loaded.frozen,
+                                    mesh=loaded.mesh, on_result=keep)
+  per_type = scoring.grouped(predictions, "question_type",
+                             lambda rows: scoring.accuracy(r["correct"] for r in rows))
+  metrics = {"overall": {"accuracy": result.accuracy, "majority": result.majority,
+                         "text_only": result.text_only, "n": result.n},
+             "question_type": {t: per_type[t] for t in easy_vqa.TYPES if t in per_type}}
+  report = build_report(
+      benchmark="easy_vqa", source=f"tfds easy_vqa split {config.data.eval_split!r}",
+      task="vqa", scoring="easy_vqa", metrics=metrics, n_scored=result.n, skipped=[],
+      checkpoint=loaded.describe(),
+      settings=settings_of(loaded, "teacher_forced") | {"data_dir": config.data.data_dir})
+  return report, predictions, result.lines()
+
+
+# -------------------------------------------------------------------------------------------- TSV
+def scoring_of(benchmark: Benchmark) -> str:
+  """The metric set: the task's, MME's for an MME-like yes/no file."""
+  if benchmark.task == "yes_no" and ("mme" in benchmark.name.lower() or scoring.looks_like_mme(
+      q.category for q in benchmark.questions)):
+    return "mme"
+  return benchmark.task
+
+
+def first_rows(benchmark: Benchmark, limit: int) -> tuple[list[Question], list[Skipped]]:
+  """The questions and skipped rows among the first `limit` data rows (0: all)."""
+  if not limit:
+    return list(benchmark.questions), list(benchmark.skipped)
+  rows = sorted([q.row for q in benchmark.questions] + [s.row for s in benchmark.skipped])
+  last = rows[min(limit, len(rows)) - 1] if rows else 0
+  return ([q for q in benchmark.questions if q.row <= last],
+          [s for s in benchmark.skipped if s.row <= last])
+
+
+class TsvRun:
+  """One TSV benchmark on one model: prepares, batches, asks and scores."""
+
+  def __init__(self, loaded: LoadedModel, benchmark: Benchmark, mode: str = "generate",
+               generator=None):
+    """generator: a mma_jax.generate.Generator for the loaded model (default: built here)."""
+    from mma_jax.data.tokenizer import load_tokenizer
+    from mma_jax.train.loop import image_tokens
+
+    config = loaded.config
+    if config.model.kind != "mllm":
+      raise EvalError(f"checkpoint '{loaded.path}' is not a multimodal model "
+                      f"(model.kind={config.model.kind}); image benchmarks need one")
+    if mode not in MODES:
+      raise EvalError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if mode == "loglik" and benchmark.task != "multiple_choice":
+      raise EvalError(f"--mode loglik ranks options: {benchmark.name} is a {benchmark.task} "
+                      "benchmark, not multiple choice")
+    self.loaded, self.benchmark, self.mode = loaded, benchmark, mode
+    data, vision = config.data, config.model.vision
+    self.image_size = data.image_size or vision.image_size
+    image_norm = vision.family if data.image_norm == "auto" else data.image_norm
+    tokenizer, _ = load_tokenizer(data.tokenizer, data.template)
+    self.layout = ChatLayout(data.template, tokenizer, image_tokens(config),
+                             mode=config.attention.mask)
+    if generator is None:
+      from mma_jax.generate import Generator
+      generator = Generator(loaded.model, self.layout, tokenizer, image_size=self.image_size,
+                            image_norm=image_norm, mesh=loaded.mesh)
+    self.generator = generator
+    shards = loaded.mesh.shape["data"] * loaded.mesh.shape["fsdp"]
+    # Full batches, split evenly over data x fsdp: one compiled shape, no idle device.
+    self.rows_per_batch = -(-config.eval.batch_size // shards) * shards
+    self.max_positions = config.model.llm.max_position_embeddings
+
+  def sampling(self):
+    from mma_jax.generate import SamplingConfig
+    # Greedy (DESIGN.md §7); the generator stops at the template's end tokens and the model's EOS.
+    return SamplingConfig(max_new_tokens=self.loaded.config.eval.max_new_tokens, temperature=0.0)
+
+  # -------------------------------------------------------------------------------- preparing
+  def prepare(self, question: Question) -> Prepared:
+    config = self.loaded.config
+    conversation = prompts.conversation(question, self.benchmark.task, config.data.system_prompt)
+    example = self.layout.conversation(conversation, generation_prompt=True)
+    need = example.length + (config.eval.max_new_tokens if self.mode == "generate" else 2)
+    if need > self.max_positions:
+      raise SkipQuestion("too_long", f"the prompt has {example.length} tokens; with the "
+                              f"answer it needs {need} positions, the model has "
+                              f"{self.max_positions}")
+    label = f"{self.benchmark.path} index {question.index}"
+    images = [resize_rgb(image, self.image_size, name=label) for image in question.images]
+    return Prepared(question, conversation, images)
+
+  def batches(self, questions: list[Question], skipped: list[Skipped],
+              progress: tqdm | None) -> Iterator[list[Prepared]]:
+    """Batches of prepared questions; the ones that fail are added to `skipped`."""
+    batch = []
+    for question in questions:
+      try:
+        batch.append(self.prepare(question))
+      except (ConversationError, ImageError, SkipQuestion) as e:
+        reason = e.reason
+        logger.warning("%s: skipping row index %s (%s): %s", self.benchmark.path,
+                       question.index, reason, e)
+        skipped.append(Skipped(question.index, question.row, reason, str(e)))
+        if progress is not None:
+          progress.update(1)
+      if len(batch) == self.rows_per_batch:
+        yield batch
+        batch = []
+    if batch:
+      yield batch
+
+  # ---------------------------------------------------------------------------------- asking
+  def answer(self, batch: list[Prepared]) -> list[dict]:
+    pad = self.rows_per_batch - len(batch)
+    conversations = [p.conversation for p in batch] + [batch[-1].conversation] * pad
+    images = [p.images for p in batch] + [batch[-1].images] * pad
+    if self.mode == "loglik":
+      letters = [list(p.question.options) for p in batch]
+      letters += [letters[-1]] * pad
+      scores = self.generator.option_logprobs(conversations, images, letters)
+      return [self._loglik_row(p, s) for p, s in zip(batch, scores)]
+    generations = self.generator.generate(conversations, images, self.sampling())
+    return [self._generated_row(p, g) for p, g in zip(batch, generations)]
+
+  def _base_row(self, question: Question) -> dict:
+    row = {"index": question.index, "row": question.row, "question": question.question}
+    if question.options:
+      row["options"] = question.options
+    row |= {"category": question.category, "l2_category": question.l2_category,
+            "split": question.split, "image_key": question.image_key}
+    return row
+
+  def _generated_row(self, prepared: Prepared, generation) -> dict:
+    question, task = prepared.question, self.benchmark.task
+    text = generation.text.strip()
+    if task == "multiple_choice":
+      extracted = scoring.extract_choice(text, question.options)
+      correct, gold = extracted == question.answers[0], question.answers[0]
+    elif task == "yes_no":
+      extracted = scoring.extract_yes_no(text)
+      correct, gold = extracted == question.answers[0], question.answers[0]
+    else:
+      first_line = text.split("\n")[0]
+      extracted = scoring.normalize_answer(first_line)
+      correct = scoring.vqa_match(first_line, question.answers)
+      gold = question.answers if len(question.answers) > 1 else question.answers[0]
+    return self._base_row(question) | {
+        "generation": generation.text, "finish_reason": generation.finish_reason,
+        "extracted": extracted, "answer": gold, "correct": bool(correct)}
+
+  def _loglik_row(self, prepared: Prepared, scores) -> dict:
+    question = prepared.question
+    letters = list(question.options)
+    logprobs = {letter: float(s) for letter, s in zip(letters, scores)}
+    extracted = max(logprobs, key=logprobs.get)
+    return self._base_row(question) | {
+        "generation": None, "option_logprobs": logprobs, "extracted": extracted,
+        "answer": question.answers[0], "correct": extracted == question.answers[0]}
+
+  # ------------------------------------------------------------------------------------ all
+  def run(self, progress: bool = True) -> tuple[dict, list[dict]]:
+    """(report, predictions) over the first eval.limit rows."""
+    questions, skipped = first_rows(self.benchmark, self.loaded.config.eval.limit)
+    bar = tqdm(total=len(questions), desc=f"eval {self.benchmark.name}", unit="question",
+               disable=not progress)
+    predictions = []
+    for batch in self.batches(questions, skipped, bar):
+      predictions += self.answer(batch)
+      bar.update(len(batch))
+    bar.close()
+    skipped.sort(key=lambda s: s.row)
+    kind = scoring_of(self.benchmark)
+    report = build_report(
+        benchmark=self.benchmark.name, source=str(self.benchmark.path),
+        task=self.benchmark.task, scoring=kind,
+        metrics=scoring.benchmark_metrics(kind, predictions), n_scored=len(predictions),
+        skipped=[s.to_json() for s in skipped], checkpoint=self.loaded.describe(),
+        settings=settings_of(self.loaded, self.mode))
+    return report, predictions
