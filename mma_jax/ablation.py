@@ -109,8 +109,9 @@ def main(argv=None) -> int:
     return 2
   output = pathlib.Path(args.output)
   output.mkdir(parents=True, exist_ok=True)
-  from mma_jax.data.builder_utils import prepare_bundled
-  prepare_bundled(load_config(args.config, args.overrides).data)
+  from mma_jax.data.builder_utils import prepare_packaged
+  data = load_config(args.config, args.overrides).data
+  prepare_packaged(data.dataset, data.data_dir)
 
   results = {mode: [] for mode in args.modes}
   for seed in range(args.seeds):

@@ -108,14 +108,3 @@ class SplitTally:
       raise ValueError(f"{self.builder.name}/{self.split}: every row of '{self.source}' was "
                        f"skipped ({dict(self.skipped)}); see the warnings above")
 
-
-def prepare_bundled(data) -> None:
-  """Builds `data.dataset` (a DataConfig) on first use when its source ships in a Python package
-  (easy_vqa); datasets from a manual directory are built explicitly with `prepare`."""
-  if data.dataset != "easy_vqa":
-    return
-  import mma_jax.data  # noqa: F401  registers the builders
-  builder = tfds.builder(data.dataset, data_dir=data.data_dir or None)
-  if not builder.is_prepared():
-    logger.info("building %s into %s (once)", data.dataset, builder.data_dir)
-    prepare(data.dataset, data.data_dir or builder.data_dir_root)
