@@ -99,11 +99,11 @@ def main(argv=None) -> int:
     if args.benchmark != "easy_vqa":   # read the file first: a bad one fails before the model
       benchmark = read_tsv(benchmark_path(args.benchmark, args.data_dir), task=args.task)
     loaded = load_for_eval(args.checkpoint, config_overrides(args))
+    progress = not args.no_progress and is_main_process()
     if benchmark is None:
-      report, predictions, lines = run_easy_vqa(loaded)
+      report, predictions, lines = run_easy_vqa(loaded, progress)
     else:
-      report, predictions = TsvRun(loaded, benchmark, args.mode).run(
-          progress=not args.no_progress and is_main_process())
+      report, predictions = TsvRun(loaded, benchmark, args.mode).run(progress=progress)
       lines = reports.summary_lines(report)
   except (FileNotFoundError, BenchmarkError, CheckpointNotFound, CheckpointError, ConfigError,
           EvalError, TrainingError) as e:

@@ -69,7 +69,8 @@ def baselines(train_source, test_source) -> tuple[float, float]:
 def evaluate(graphdef, params, frozen, layout: ChatLayout, source, *, image_size: int,
              image_norm: str, batch_size: int, max_length: int, limit: int = 0,
              system_prompt: str | None = None, mesh: Mesh | None = None,
-             on_result: Callable[[int, dict, bool], None] | None = None) -> dict:
+             on_result: Callable[[int, dict, bool], None] | None = None,
+             progress: bool = True) -> dict:
   """{question type: (correct, total)} over `source` (a tfds easy_vqa split).
 
   With a mesh, each batch is split over its data x fsdp axes (padded to a multiple of them).
@@ -91,7 +92,8 @@ def evaluate(graphdef, params, frozen, layout: ChatLayout, source, *, image_size
 
   n = len(source) if not limit else min(limit, len(source))
   tally = collections.defaultdict(lambda: [0, 0])
-  for start in tqdm(range(0, n, batch_size), desc="eval easy_vqa", unit="batch", leave=False):
+  for start in tqdm(range(0, n, batch_size), desc="eval easy_vqa", unit="batch", leave=False,
+                    disable=not progress):
     records = [source[i] for i in range(start, min(start + batch_size, n))]
     rows, images = [], []
     for record in records:
@@ -138,7 +140,8 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
 
 def evaluate_config(config, graphdef, params, frozen, *, mesh: Mesh | None = None,
-                    on_result: Callable[[int, dict, bool], None] | None = None) -> Report:
+                    on_result: Callable[[int, dict, bool], None] | None = None,
+                    progress: bool = True) -> Report:
   """The test-split report of an easy_vqa run config (eval.limit, eval.batch_size, the template,
   tokenizer, system prompt and mask mode of the run): what train.py prints at the end of a run
   and eval.py prints for its checkpoint."""
@@ -157,6 +160,6 @@ def evaluate_config(config, graphdef, params, frozen, *, mesh: Mesh | None = Non
                    image_norm=vision.family if data.image_norm == "auto" else data.image_norm,
                    batch_size=config.eval.batch_size, max_length=data.max_length,
                    limit=config.eval.limit, system_prompt=data.system_prompt, mesh=mesh,
-                   on_result=on_result)
+                   on_result=on_result, progress=progress)
   majority, text_only = baselines(source(data.train_split), source(data.eval_split))
   return report(tally, majority, text_only)

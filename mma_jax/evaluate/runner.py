@@ -55,7 +55,7 @@ def settings_of(loaded: LoadedModel, mode: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------- easy_vqa
-def run_easy_vqa(loaded: LoadedModel) -> tuple[dict, list[dict], list[str]]:
+def run_easy_vqa(loaded: LoadedModel, progress: bool = True) -> tuple[dict, list[dict], list[str]]:
   """(report, predictions, the lines train.py prints)."""
   from mma_jax.data.builder_utils import prepare_packaged
   from mma_jax.data.pipeline import _text
@@ -72,7 +72,7 @@ def run_easy_vqa(loaded: LoadedModel) -> tuple[dict, list[dict], list[str]]:
                         "answer": _text(record["answer"]), "correct": correct})
 
   result = easy_vqa.evaluate_config(config, loaded.graphdef, loaded.params, loaded.frozen,
-                                    mesh=loaded.mesh, on_result=keep)
+                                    mesh=loaded.mesh, on_result=keep, progress=progress)
   per_type = scoring.grouped(predictions, "question_type",
                              lambda rows: scoring.accuracy(r["correct"] for r in rows))
   metrics = {"overall": {"accuracy": result.accuracy, "majority": result.majority,
