@@ -134,6 +134,12 @@ def apply_stacked(layers: nnx.Module, x, step, *, num_layers: int, scan: bool,
   return x
 
 
+def stacked_layer(layers: nnx.Module, index: int) -> nnx.Module:
+  """Layer `index` of a stack as a module of its own (its parameter slices); for analysis."""
+  graphdef, state = nnx.split(layers)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+
+
 def scan_stacked(layers: nnx.Module, carry, step, xs=None, *, num_layers: int, scan: bool):
   """(carry, ys): carry, y_i <- step(layer_i, carry, x_i) over the first `num_layers` stacked
   layers, with per-layer inputs `xs` and outputs `ys` stacked on a leading axis (a KV cache shaped

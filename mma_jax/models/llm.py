@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mma_jax.attention import attend, dense_attention
+from mma_jax.attention import attend, dense_attention, materialize
 from mma_jax.config import LLMConfig, RopeConfig
 from mma_jax.models.layers import (DTYPES, Embed, Linear, RMSNorm, apply_stacked, scan_stacked,
-                                   stack_layers)
+                                   stack_layers, stacked_layer)
 
 
 # ---------------------------------------------------------------------------------------- rotary
@@ -113,6 +113,18 @@ class Attention(nnx.Module):
     out = dense_attention(q, cache_k, cache_v, mask, scale=self.head_dim ** -0.5)
     return self._output(out), (cache_k, cache_v)
 
+  def probabilities(self, x, cos, sin, segment_ids, window_lo, window_hi):
+    """Analysis only (never on the training path): the softmax attention probabilities f32
+    [B, H, L, L] this layer uses, under the dense mask `materialize` gives (the same scores,
+    scale and GQA grouping as dense_attention; probabilities @ v is its output). Rows sum to 1
+    over the allowed keys and are exactly 0 elsewhere; no row is empty (a token sees itself)."""
+    q, k, _ = self._project(x, cos, sin)
+    k = jnp.repeat(k, self.num_heads // self.num_kv_heads, axis=2)    # head h reads kv h // group
+    scores = jnp.einsum("bqhd,bshd->bhqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores.astype(jnp.float32) * self.head_dim ** -0.5
+    mask = materialize(segment_ids, window_lo, window_hi)[:, None]
+    return jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+
   def _project(self, x, cos, sin):
     b, length, _ = x.shape
     q = self.q(x).reshape(b, length, self.num_heads, self.head_dim)
@@ -205,6 +217,26 @@ class DecoderLLM(nnx.Module):
     x = apply_stacked(self.layers, x, step, num_layers=self.cfg.num_layers, scan=self.scan_layers,
                       remat=self.remat)
     return self.norm(x)
+
+  # ------------------------------------------------------------------- attention maps (analysis)
+  def attention_probs(self, layer: int, *, positions, segment_ids, window_lo, window_hi,
+                      tokens=None, embeddings=None, **unused):
+    """Decoder layer `layer`'s attention probabilities f32 [B, H, L, L] (query, key) on the
+    batch: layers 0..layer-1 run exactly as in `hidden`, then Attention.probabilities on the
+    layer's normed input. For visualisation (mma_jax.visualize); training never calls it."""
+    if not 0 <= layer < self.cfg.num_layers:
+      raise ValueError(f"layer {layer} is out of range: the decoder has {self.cfg.num_layers} "
+                       f"layers (0..{self.cfg.num_layers - 1})")
+    x = self._inputs(tokens, embeddings, x_length=None)
+    cos, sin = rotary_tables(self.cfg, positions)
+
+    def step(block, h):
+      return block(h, cos, sin, segment_ids, window_lo, window_hi)
+
+    x = apply_stacked(self.layers, x, step, num_layers=layer, scan=self.scan_layers)
+    block = stacked_layer(self.layers, layer)
+    return block.attn.probabilities(block.attn_norm(x), cos, sin, segment_ids, window_lo,
+                                    window_hi)
 
   # ------------------------------------------------------------------------------- KV cache
   # cache = {"k", "v": [layers, B, S, K, D] rotated keys/values (stacked like the layers, so a

@@ -62,6 +62,16 @@ class MultimodalDecoder(nnx.Module):
     return self.llm.hidden(embeddings=x, positions=positions, segment_ids=segment_ids,
                            window_lo=window_lo, window_hi=window_hi)
 
+  def attention_probs(self, layer: int, *, tokens, positions, segment_ids, window_lo, window_hi,
+                      image_token_index, images=None, image_valid=None, **unused):
+    """Decoder layer `layer`'s attention probabilities f32 [B, H, L, L] on the batch with its
+    images (see DecoderLLM.attention_probs); for visualisation, never in training."""
+    del image_valid, unused
+    x = self.embed(tokens, image_token_index, images)
+    return self.llm.attention_probs(layer, embeddings=x, positions=positions,
+                                    segment_ids=segment_ids, window_lo=window_lo,
+                                    window_hi=window_hi)
+
   def prefill(self, *, tokens, positions, segment_ids, window_lo, window_hi, image_token_index,
               cache_length: int, images=None, image_valid=None, **unused):
     """The prompt with its images, under its mask vectors (MMA: the image rows' keys and values
