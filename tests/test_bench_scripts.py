@@ -64,3 +64,33 @@ def test_convert_small(tmp_path):
   assert row[6] in ("ok", "OVER")
   # nothing left behind without --keep
   assert not any((tmp_path / "w").iterdir())
+
+
+def test_generate_tiny():
+  lines = run_script("bench/generate.py", "--size", "tiny", "--repeats", "1", "--new-tokens", "4",
+                     "--batch-sizes", "1", "2", "--torch-threads", "1")
+  assert lines[0].startswith("# ") and "UTC" in lines[0] and "bench/generate.py" in lines[0]
+  assert "cores" in line_starting(lines, "# machine:")
+  assert "parameters: ours" in line_starting(lines, "# model (tiny)")
+  check = line_starting(lines, "# check:")
+  assert "batch 1 ok" in check and "batch 2 ok" in check and check.endswith("-> ok")
+  header = line_starting(lines, "impl")
+  assert header.split() == ["impl", "batch", "ttft_ms", "total_ms", "decode_tok/s",
+                            "x_tf_decode", "x_tf_ttft", "compile_s"]
+  for impl in ("ours", "transformers"):
+    found = [line.split() for line in lines if line.split()[:1] == [impl]]
+    assert [row[1] for row in found] == ["1", "2"], found
+    for row in found:
+      # timings at this size are noise (total - ttft may even be negative): finite, no more
+      values = [float(x) for x in row[2:7]]
+      assert all(math.isfinite(v) for v in values) and values[0] > 0 and values[1] > 0, row
+      if impl == "transformers":
+        assert values[3:] == [1.0, 1.0] and row[7] == "-"
+      else:
+        assert math.isfinite(float(row[7]))
+  for batch in (1, 2):
+    ratios = line_starting(lines, f"ratios batch {batch}:")
+    assert "ours/transformers decode tok/s" in ratios and "ttft ours/transformers" in ratios
+    values = [float(part.split()[0]) for part in ratios.split(" = ")[1:]]
+    assert len(values) == 2 and all(math.isfinite(v) for v in values)
+    assert ratios.endswith(("target decode >= 2x: met", "target decode >= 2x: not met"))
