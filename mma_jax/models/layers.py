@@ -109,9 +109,11 @@ REMAT_POLICIES = {
 }
 
 
-def apply_stacked(layers: nnx.Module, x, step, *, num_layers: int, scan: bool,
-                  remat: str = "none"):
-  """x <- step(layer_i, x) for the first `num_layers` stacked layers.
+def scan_stacked(layers: nnx.Module, carry, step, xs=None, *, num_layers: int, scan: bool,
+                 remat: str = "none"):
+  """(carry, ys): carry, y_i <- step(layer_i, carry, x_i) over the first `num_layers` stacked
+  layers, with optional per-layer inputs `xs` and outputs `ys` stacked on a leading axis (a KV
+  cache shaped like the stacked parameters).
 
   scan=True runs one lax.scan over the stacked parameters (compile time independent of depth);
   scan=False unrolls a Python loop over slices of the same parameters (identical results).
@@ -120,37 +122,12 @@ def apply_stacked(layers: nnx.Module, x, step, *, num_layers: int, scan: bool,
   graphdef, state = nnx.split(layers)
   state = jax.tree.map(lambda a: a[:num_layers], state)
 
-  def body(carry, layer_state):
-    return step(nnx.merge(graphdef, layer_state), carry), None
-
-  if remat != "none":
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
-
-  if scan:
-    x, _ = jax.lax.scan(body, x, state)
-  else:
-    for i in range(num_layers):
-      x, _ = body(x, jax.tree.map(lambda a: a[i], state))
-  return x
-
-
-def stacked_layer(layers: nnx.Module, index: int) -> nnx.Module:
-  """Layer `index` of a stack as a module of its own (its parameter slices); for analysis."""
-  graphdef, state = nnx.split(layers)
-  return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
-
-
-def scan_stacked(layers: nnx.Module, carry, step, xs=None, *, num_layers: int, scan: bool):
-  """(carry, ys): carry, y_i <- step(layer_i, carry, x_i) over the first `num_layers` stacked
-  layers, with per-layer inputs `xs` and outputs `ys` stacked on a leading axis (a KV cache shaped
-  like the stacked parameters). Inference only: no remat. scan=False unrolls, same results."""
-  graphdef, state = nnx.split(layers)
-  state = jax.tree.map(lambda a: a[:num_layers], state)
-
   def body(carry, inputs):
     layer_state, x = inputs
     return step(nnx.merge(graphdef, layer_state), carry, x)
 
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
   if scan:
     return jax.lax.scan(body, carry, (state, xs))
   ys = []
@@ -158,3 +135,18 @@ def scan_stacked(layers: nnx.Module, carry, step, xs=None, *, num_layers: int, s
     carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
     ys.append(y)
   return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def apply_stacked(layers: nnx.Module, x, step, *, num_layers: int, scan: bool,
+                  remat: str = "none"):
+  """x <- step(layer_i, x) for the first `num_layers` stacked layers (scan_stacked without
+  per-layer inputs or outputs)."""
+  x, _ = scan_stacked(layers, x, lambda layer, h, _: (step(layer, h), None),
+                      num_layers=num_layers, scan=scan, remat=remat)
+  return x
+
+
+def stacked_layer(layers: nnx.Module, index: int) -> nnx.Module:
+  """Layer `index` of a stack as a module of its own (its parameter slices); for analysis."""
+  graphdef, state = nnx.split(layers)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
