@@ -134,7 +134,7 @@ def scan_stacked(layers: nnx.Module, carry, step, xs=None, *, num_layers: int, s
   for i in range(num_layers):
     carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
     ys.append(y)
-  return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else None   # 0 layers: none
 
 
 def apply_stacked(layers: nnx.Module, x, step, *, num_layers: int, scan: bool,
