@@ -17,7 +17,6 @@ in a subprocess and reports:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -38,6 +37,7 @@ import numpy as np  # noqa: E402
 from mma_jax.config import LLMConfig  # noqa: E402
 from mma_jax.convert.llm import llm_config_to_hf  # noqa: E402
 from mma_jax.convert.safetensors_io import write_safetensors  # noqa: E402
+from run_header import run_header  # noqa: E402  (bench/, the script's folder)
 
 GIB = 1 << 30
 DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16}
@@ -150,9 +150,7 @@ def main(argv=None) -> int:
                       help="keep the checkpoints (a later run with the same --workdir, --params, "
                            "--shards and --dtype reuses the HF checkpoint)")
   args = parser.parse_args(argv)
-  command = "python " + " ".join(shlex.quote(a) for a in [
-      "bench/convert.py", *(sys.argv[1:] if argv is None else argv)])
-  date = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
+  header = run_header("convert.py", argv)
 
   workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
   workdir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +177,7 @@ def main(argv=None) -> int:
       return 1
     imported = dir_bytes(out_dir)
     over = result["peak"] - ckpt
-    print(f"# {date}   {command}")
+    print(header)
     print(f"# checkpoint: llama E={c.hidden_size} layers={c.num_layers} heads={c.num_heads}/"
           f"{c.num_kv_heads} mlp={c.intermediate_size} vocab={c.vocab_size}: {count:,} "
           f"parameters, {args.dtype}, {len(shards)} shards + index, {ckpt / GIB:.3f} GiB "

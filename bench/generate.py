@@ -31,11 +31,9 @@ stderr. float32 on CPU; torch.set_num_threads(cores)
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pathlib
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -58,6 +56,7 @@ from mma_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from mma_jax.generate import Generator, SamplingConfig  # noqa: E402
 from mma_jax.layout import ChatLayout  # noqa: E402
 from mma_jax.models import build_model  # noqa: E402
+from run_header import run_header  # noqa: E402  (bench/, the script's folder)
 
 SIZES = {
     # (Llama text config, CLIP vision config, text tokens per prompt)
@@ -132,9 +131,7 @@ def main(argv=None) -> int:
   cores = len(os.sched_getaffinity(0))
   torch_threads = args.torch_threads or cores
   torch.set_num_threads(torch_threads)
-  command = "python " + " ".join(shlex.quote(a) for a in [
-      "bench/generate.py", *(sys.argv[1:] if argv is None else argv)])
-  date = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
+  header = run_header("generate.py", argv)
   load_start = os.getloadavg()[0]
 
   # The same model on both sides: transformers' random init, saved, imported by our converter.
@@ -211,7 +208,7 @@ def main(argv=None) -> int:
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
               if line.startswith("model name")), platform.processor() or "unknown CPU")
   load = f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-  print(f"# {date}   {command}")
+  print(header)
   print(f"# machine: {cpu}, {cores} cores, 1-min load average {load}; jax {jax.__version__} "
         f"({jax.default_backend()}, XLA default threads), torch {torch.__version__} "
         f"(torch.set_num_threads({torch_threads})), transformers {transformers.__version__} "

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import pathlib
-import shlex
 import sys
 import tempfile
 import time
@@ -54,6 +52,7 @@ from mma_jax.layout import attention_windows  # noqa: E402
 from mma_jax.train.optimizer import learning_rate  # noqa: E402
 from mma_jax.train.state import init_train_state  # noqa: E402
 from mma_jax.train.step import jit_train_step, make_train_step  # noqa: E402
+from run_header import run_header  # noqa: E402  (bench/, the script's folder)
 
 PREFIX = 4   # text tokens before the image
 SIZES = {
@@ -227,9 +226,7 @@ def main(argv=None) -> int:
   cores = len(os.sched_getaffinity(0))
   torch_threads = args.torch_threads or cores
   torch.set_num_threads(torch_threads)
-  command = "python " + " ".join(shlex.quote(a) for a in [
-      "bench/train_step.py", *(sys.argv[1:] if argv is None else argv)])
-  date = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
+  header = run_header("train_step.py", argv)
 
   config = bench_config(args.size, batch)
   r = make_rows(config, batch, length)
@@ -278,7 +275,7 @@ def main(argv=None) -> int:
   (loss1, norm1), (tloss1, tnorm1) = checks[0]
   (loss2, _), (tloss2, _) = checks[1]
   ok = abs(loss1 - tloss1) <= args.tol
-  print(f"# {date}   {command}")
+  print(header)
   print(f"# model ({args.size}): phi3 decoder E={config.model.llm.hidden_size} "
         f"layers={config.model.llm.num_layers} heads={config.model.llm.num_heads} "
         f"mlp={config.model.llm.intermediate_size} vocab={config.model.llm.vocab_size}; siglip "

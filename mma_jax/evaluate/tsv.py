@@ -208,18 +208,13 @@ def _option_letter(answer: str, options: dict[str, str]) -> str:
 
 
 def _answer_list(answer: str) -> list[str]:
-  """Several accepted answers may be stored as a list literal."""
-  if answer.startswith("["):
-    try:
-      value = ast.literal_eval(answer)
-    except (ValueError, SyntaxError):
-      return [answer]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-      return value
-  return [answer]
+  """Several accepted answers may be stored as a list literal (an empty one is a plain answer)."""
+  return _cell_list(answer) or [answer]
 
 
 def _cell_list(cell: str) -> list[str]:
+  """A cell holding a list literal of strings (several answers, images or paths) -> that list;
+  any other cell -> [cell]."""
   if cell.startswith("["):
     try:
       value = ast.literal_eval(cell)
