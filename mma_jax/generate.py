@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from mma_jax.data.images import preprocess
 from mma_jax.data.packing import example_fields, merge_row
 from mma_jax.layout import ChatLayout, Conversation, Example
+from mma_jax.models.layers import unstack
 from mma_jax.models.mllm import MultimodalDecoder
 from mma_jax.sharding import BATCH, batch_sharding, logical_to_spec, tree_shardings
 from mma_jax.templates import ChatTemplate
@@ -159,8 +160,8 @@ def _as_fields(example) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------- sharding
 # Logical axes of the decode loop's state (sharding.py maps them to mesh axes).
-_CACHE_AXES = {"k": ("layers", "batch", "length", "kv_heads", None),
-               "v": ("layers", "batch", "length", "kv_heads", None),
+_CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "length", None),
+               "v": ("layers", "batch", "kv_heads", "length", None),
                "valid": ("batch", "length"), "index": ()}
 _CARRY_AXES = {"tokens": ("batch", None), "done": ("batch",), "prompt_length": ("batch",),
                "step": (), "rng": (None,)}
@@ -406,6 +407,11 @@ def _decode(graphdef, mesh, state, carry, until, controls, *, greedy: bool):
   """Decode steps while step < until and some row has not stopped. Step n feeds token n - 1 (at
   position prompt_length + n - 1, cache slot P + n - 1) and samples token n."""
   model = nnx.merge(graphdef, state)
+  llm = model.llm if isinstance(model, MultimodalDecoder) else model
+  # CPU XLA would copy each layer's weight slices on every step inside the loop: slice them once
+  # here. Accelerator compilers fuse the slices into the matmuls, and a hoisted copy of every
+  # layer would cost the decoder's weights twice in device memory.
+  layers = unstack(llm.layers, llm.cfg.num_layers) if jax.default_backend() == "cpu" else None
 
   def cond(c):
     return (c["step"] < until) & ~jnp.all(c["done"])
@@ -414,7 +420,8 @@ def _decode(graphdef, mesh, state, carry, until, controls, *, greedy: bool):
     step = c["step"]
     last = jax.lax.dynamic_slice_in_dim(c["tokens"], step - 1, 1, axis=1)
     positions = (c["prompt_length"] + step - 1)[:, None]
-    hidden, cache = model.decode_step(tokens=last, positions=positions, cache=c["cache"])
+    hidden, cache = model.decode_step(tokens=last, positions=positions, cache=c["cache"],
+                                      layers=layers)
     token = _next_tokens(model.logits(hidden[:, 0]), jax.random.fold_in(c["rng"], step),
                          controls, greedy)
     tokens = jax.lax.dynamic_update_slice(c["tokens"], token[:, None], (0, step))

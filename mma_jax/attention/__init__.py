@@ -14,7 +14,7 @@ import logging
 import jax
 
 from mma_jax.attention import flash, splash
-from mma_jax.attention.dense import attend_dense, dense_attention
+from mma_jax.attention.dense import attend_dense, cached_attention, dense_attention
 from mma_jax.attention.mask import allowed, materialize
 
 IMPLS = ("auto", "dense", "flash", "splash")
@@ -89,4 +89,4 @@ def attend(q, k, v, segment_ids, window_lo, window_hi, *, impl: str = "auto",
                                block_q=block_q, block_kv=block_kv)
 
 
-__all__ = ["attend", "allowed", "materialize", "dense_attention", "attend_dense", "IMPLS"]
+__all__ = ["attend", "allowed", "materialize", "dense_attention", "cached_attention", "attend_dense", "IMPLS"]

@@ -20,16 +20,35 @@ def dense_attention(q, k, v, mask, *, scale: float | None = None):
   scale = d ** -0.5 if scale is None else scale
   qg = q.reshape(b, lq, kv_heads, h // kv_heads, d)
   scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
-  scores = scores.astype(jnp.float32) * scale
-  keep = mask[:, None, None, :, :]
+  probs = _masked_softmax(scores.astype(jnp.float32) * scale, mask[:, None, None])
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, lq, h, d).astype(q.dtype)
+
+
+def cached_attention(q, k_cache, v_cache, mask, *, scale: float):
+  """Attention of new tokens over a KV cache stored heads-major: q [B, T, H, D], k_cache/v_cache
+  [B, K, S, D], mask bool [B, T, S] -> [B, T, H, D]; same numerics as dense_attention.
+
+  The heads-major cache makes both products plain batched matmuls over (B, K) on CPU; a
+  [B, S, K, D] cache costs a transpose of every layer's cache per decoded token (2x slower)."""
+  b, t, h, d = q.shape
+  kv_heads = k_cache.shape[1]
+  qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+  probs = _masked_softmax(scores.astype(jnp.float32) * scale, mask[:, None, None])
+  out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v_cache.dtype), v_cache,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _masked_softmax(scores, keep):
+  """f32 softmax over the last axis where `keep`; a row with nothing kept gives zeros."""
   scores = jnp.where(keep, scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   probs = jnp.exp(scores - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
   denom = jnp.sum(probs, axis=-1, keepdims=True)
-  probs = probs / jnp.where(denom == 0, 1.0, denom)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, lq, h, d).astype(q.dtype)
+  return probs / jnp.where(denom == 0, 1.0, denom)
 
 
 def attend_dense(q, k, v, segment_ids, window_lo, window_hi, *, scale: float | None = None):

@@ -109,18 +109,23 @@ REMAT_POLICIES = {
 }
 
 
-def scan_stacked(layers: nnx.Module, carry, step, xs=None, *, num_layers: int, scan: bool,
+def scan_stacked(layers, carry, step, xs=None, *, num_layers: int, scan: bool,
                  remat: str = "none"):
-  """(carry, ys): carry, y_i <- step(layer_i, carry, x_i) over the first `num_layers` stacked
-  layers, with optional per-layer inputs `xs` and outputs `ys` stacked on a leading axis (a KV
-  cache shaped like the stacked parameters).
+  """(carry, ys): carry, y_i <- step(layer_i, carry, x_i) over the first `num_layers` layers, with
+  optional per-layer inputs `xs` and outputs `ys` stacked on a leading axis.
 
+  layers: the stacked module, or a list of per-layer modules from `unstack` (always unrolled).
   scan=True runs one lax.scan over the stacked parameters (compile time independent of depth);
   scan=False unrolls a Python loop over slices of the same parameters (identical results).
   remat: "none" or a REMAT_POLICIES name, applied to each layer (trades compute for memory).
   """
-  graphdef, state = nnx.split(layers)
-  state = jax.tree.map(lambda a: a[:num_layers], state)
+  if isinstance(layers, nnx.Module):
+    graphdef, state = nnx.split(layers)
+    state = jax.tree.map(lambda a: a[:num_layers], state)
+    layer_state = lambda i: jax.tree.map(lambda a: a[i], state)
+  else:
+    graphdef, scan = nnx.graphdef(layers[0]), False
+    layer_state = lambda i: nnx.state(layers[i])
 
   def body(carry, inputs):
     layer_state, x = inputs
@@ -132,7 +137,7 @@ def scan_stacked(layers: nnx.Module, carry, step, xs=None, *, num_layers: int, s
     return jax.lax.scan(body, carry, (state, xs))
   ys = []
   for i in range(num_layers):
-    carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+    carry, y = body(carry, (layer_state(i), jax.tree.map(lambda a: a[i], xs)))
     ys.append(y)
   return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else None   # 0 layers: none
 
@@ -150,3 +155,10 @@ def stacked_layer(layers: nnx.Module, index: int) -> nnx.Module:
   """Layer `index` of a stack as a module of its own (its parameter slices); for analysis."""
   graphdef, state = nnx.split(layers)
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+
+
+def unstack(layers: nnx.Module, num_layers: int) -> list[nnx.Module]:
+  """The first `num_layers` layers of a stack as separate modules. Inside a jitted loop, take
+  them once before the loop: CPU XLA copies a slice of the stacked weights on every use inside
+  the loop body (a decode step then reads every weight twice), but a slice taken outside it once."""
+  return [stacked_layer(layers, i) for i in range(num_layers)]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mma_jax.attention import attend, dense_attention, materialize
+from mma_jax.attention import attend, cached_attention, materialize
 from mma_jax.config import LLMConfig, RopeConfig
 from mma_jax.models.layers import (DTYPES, Embed, Linear, RMSNorm, apply_stacked, scan_stacked,
                                    stack_layers, stacked_layer)
@@ -97,20 +97,20 @@ class Attention(nnx.Module):
                  scale=self.head_dim ** -0.5, block_q=self.blocks[0], block_kv=self.blocks[1])
     return self._output(out), (k, v)
 
-  def decode(self, x, cos, sin, cache, key_valid, index):
-    """x [B, T, E]: new tokens written to cache slots [index, index + T) of cache = (k, v)
-    [B, S, K, D]. Key s is visible to new token t iff key_valid[b, s] (the prompt's non-padding
-    slots and every slot written since) and s <= index + t (causal among the new tokens).
-    Dense attention: T is 1 in generation, so the scores are [B, H, T, S]."""
+  def decode(self, x, cos, sin, cache, key_valid, index, layer):
+    """x [B, T, E]: new tokens written to slots [index, index + T) of layer `layer` of the stacked
+    cache = (k, v) [layers, B, K, S, D], which is updated in place and returned. Key s is visible
+    to new token t iff key_valid[b, s] (the prompt's non-padding slots and every slot written
+    since) and s <= index + t (causal among the new tokens). T is 1 in generation."""
     q, k, v = self._project(x, cos, sin)
-    cache_k, cache_v = cache
-    at = (0, index, 0, 0)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
-    slots = jnp.arange(cache_k.shape[1])
+    at = (layer, 0, 0, index, 0)
+    cache_k, cache_v = (jax.lax.dynamic_update_slice(c, new.swapaxes(1, 2)[None].astype(c.dtype),
+                                                     at) for c, new in zip(cache, (k, v)))
+    slots = jnp.arange(cache_k.shape[3])
     causal = slots[None, :] <= index + jnp.arange(x.shape[1])[:, None]          # [T, S]
     mask = key_valid[:, None, :] & causal[None]                                 # [B, T, S]
-    out = dense_attention(q, cache_k, cache_v, mask, scale=self.head_dim ** -0.5)
+    out = cached_attention(q, cache_k[layer], cache_v[layer], mask,
+                           scale=self.head_dim ** -0.5)
     return self._output(out), (cache_k, cache_v)
 
   def probabilities(self, x, cos, sin, segment_ids, window_lo, window_hi):
@@ -170,9 +170,9 @@ class DecoderLayer(nnx.Module):
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), kv
 
-  def decode(self, x, cos, sin, cache, key_valid, index):
-    """(output, this layer's updated (k, v) cache); see Attention.decode."""
-    h, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, key_valid, index)
+  def decode(self, x, cos, sin, cache, key_valid, index, layer):
+    """(output, the stacked (k, v) cache with this layer's slots written); see Attention.decode."""
+    h, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, key_valid, index, layer)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -239,10 +239,12 @@ class DecoderLLM(nnx.Module):
                                     window_hi)
 
   # ------------------------------------------------------------------------------- KV cache
-  # cache = {"k", "v": [layers, B, S, K, D] rotated keys/values (stacked like the layers, so a
-  #          scan over layers walks both); "valid": bool [B, S], the slots a new token may see
-  #          (filled, non-padding); "index": int32 [], the next slot to write}.
-  # One example per row: validity replaces segment ids after the prompt.
+  # cache = {"k", "v": [layers, B, K, S, D] rotated keys/values, stacked like the layers and
+  #          heads-major (see cached_attention); "valid": bool [B, S], the slots a new token may
+  #          see (filled, non-padding); "index": int32 [], the next slot to write}.
+  # One example per row: validity replaces segment ids after the prompt. Decoding carries the
+  # whole cache through the layer loop and writes only the new slots (dynamic_update_slice in
+  # place): passing each layer's slice in and stacking the outputs would copy the cache per token.
 
   def prefill(self, *, positions, segment_ids, window_lo, window_hi, cache_length: int,
               tokens=None, embeddings=None, **unused):
@@ -260,26 +262,30 @@ class DecoderLLM(nnx.Module):
 
     x, (k, v) = scan_stacked(self.layers, x, step, num_layers=self.cfg.num_layers,
                              scan=self.scan_layers)
-    grow = ((0, 0), (0, 0), (0, cache_length - length), (0, 0), (0, 0))
-    cache = {"k": jnp.pad(k, grow), "v": jnp.pad(v, grow),
+    grow = ((0, 0), (0, 0), (0, 0), (0, cache_length - length), (0, 0))
+    cache = {"k": jnp.pad(k.swapaxes(2, 3), grow), "v": jnp.pad(v.swapaxes(2, 3), grow),
              "valid": jnp.pad(segment_ids > 0, ((0, 0), (0, cache_length - length))),
              "index": jnp.asarray(length, jnp.int32)}
     return self.norm(x), cache
 
-  def decode_step(self, *, positions, cache, tokens=None, embeddings=None):
+  def decode_step(self, *, positions, cache, tokens=None, embeddings=None, layers=None):
     """New tokens [B, T] (T = 1 when generating) at their RoPE `positions` [B, T], attending to
-    the cache causally -> (final hidden [B, T, E], the cache with them written)."""
+    the cache causally -> (final hidden [B, T, E], the cache with them written). `layers`: this
+    model's layers as `unstack` gives them, taken once outside a decode loop (else self.layers)."""
     x = self._inputs(tokens, embeddings, x_length=None)
     b, count = x.shape[:2]
     index = cache["index"]
     valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((b, count), bool), (0, index))
     cos, sin = rotary_tables(self.cfg, positions)
 
-    def step(layer, h, layer_cache):
-      return layer.decode(h, cos, sin, layer_cache, valid, index)
+    def step(layer, carry, i):
+      h, kv = carry
+      return layer.decode(h, cos, sin, kv, valid, index, i), None
 
-    x, (k, v) = scan_stacked(self.layers, x, step, (cache["k"], cache["v"]),
-                             num_layers=self.cfg.num_layers, scan=self.scan_layers)
+    count_layers = self.cfg.num_layers
+    (x, (k, v)), _ = scan_stacked(self.layers if layers is None else layers,
+                                  (x, (cache["k"], cache["v"])), step, jnp.arange(count_layers),
+                                  num_layers=count_layers, scan=self.scan_layers)
     return self.norm(x), {"k": k, "v": v, "valid": valid, "index": index + count}
 
   def _inputs(self, tokens, embeddings, *, x_length):

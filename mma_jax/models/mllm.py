@@ -82,9 +82,9 @@ class MultimodalDecoder(nnx.Module):
     return self.llm.prefill(embeddings=x, positions=positions, segment_ids=segment_ids,
                             window_lo=window_lo, window_hi=window_hi, cache_length=cache_length)
 
-  def decode_step(self, *, tokens, positions, cache):
+  def decode_step(self, *, tokens, positions, cache, layers=None):
     """Generated text tokens [B, T] over the cache (images only enter through the prefill)."""
-    return self.llm.decode_step(tokens=tokens, positions=positions, cache=cache)
+    return self.llm.decode_step(tokens=tokens, positions=positions, cache=cache, layers=layers)
 
   def logits(self, hidden):
     return self.llm.logits(hidden)
