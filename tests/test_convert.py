@@ -15,6 +15,7 @@ from mma_jax.convert import operations
 from mma_jax.convert.llm import HF_LLM
 from mma_jax.convert.__main__ import main as convert_main
 from mma_jax.convert.safetensors_io import CheckpointError, HFCheckpoint, write_safetensors
+from mma_jax.convert import store
 from mma_jax.convert.store import load_model
 
 
@@ -52,6 +53,27 @@ def test_bf16_import_stores_bf16_and_export_reloads(tmp_path):
   operations.export_checkpoint(HF_LLM, tmp_path / "ckpt", tmp_path / "out", dtype="bf16")
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
   assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_saved_params_restore_exactly_from_many_chunks(tmp_path, monkeypatch):
+  """The low-memory save (no copies, no OCDBT, arrays cut into chunks) restores every array
+  bit for bit, also one split over many chunks, and leaves the caller's arrays untouched."""
+  monkeypatch.setattr(store, "CHUNK_BYTES", 4096)
+  rng = np.random.default_rng(0)
+  params = {"layers.mlp.up.kernel": rng.standard_normal((3, 64, 40)).astype(np.float32),
+            "embed.embedding": rng.standard_normal((50, 8)).astype(np.float32)}
+  before = {k: v.copy() for k, v in params.items()}
+  save_tiny_llm("llama", tmp_path / "hf")
+  config = operations.read_hf(HF_LLM, tmp_path / "hf")[0]
+  store.save_model(tmp_path / "ckpt", params, config)
+  chunks = [p for p in (tmp_path / "ckpt" / "params" / "layers.mlp.up.kernel").rglob("*")
+            if p.is_file() and not p.name.startswith(".")]
+  assert len(chunks) > 4                                   # 30 KiB in chunks of at most 4 KiB
+  _, restored = load_model(tmp_path / "ckpt")
+  assert restored.keys() == params.keys()
+  for key, array in params.items():
+    np.testing.assert_array_equal(restored[key], array)
+    np.testing.assert_array_equal(array, before[key])
 
 
 def test_sharded_checkpoint_is_streamed_through_its_index(tmp_path):
