@@ -13,17 +13,7 @@ def dense_attention(q, k, v, mask, *, scale: float | None = None):
   Scores and softmax are f32; the output has q's dtype. Rows with no allowed key give zeros
   (never an average of every key).
   """
-  b, lq, h, d = q.shape
-  kv_heads = k.shape[2]
-  if h % kv_heads:
-    raise ValueError(f"kv heads ({kv_heads}) must divide query heads ({h})")
-  scale = d ** -0.5 if scale is None else scale
-  qg = q.reshape(b, lq, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
-  probs = _masked_softmax(scores.astype(jnp.float32) * scale, mask[:, None, None])
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, lq, h, d).astype(q.dtype)
+  return _grouped_attention(q, k, v, mask, scale, kv="bskd")
 
 
 def cached_attention(q, k_cache, v_cache, mask, *, scale: float):
@@ -32,23 +22,26 @@ def cached_attention(q, k_cache, v_cache, mask, *, scale: float):
 
   The heads-major cache makes both products plain batched matmuls over (B, K) on CPU; a
   [B, S, K, D] cache costs a transpose of every layer's cache per decoded token (2x slower)."""
-  b, t, h, d = q.shape
-  kv_heads = k_cache.shape[1]
-  qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
-  probs = _masked_softmax(scores.astype(jnp.float32) * scale, mask[:, None, None])
-  out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v_cache.dtype), v_cache,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, t, h, d).astype(q.dtype)
+  return _grouped_attention(q, k_cache, v_cache, mask, scale, kv="bksd")
 
 
-def _masked_softmax(scores, keep):
-  """f32 softmax over the last axis where `keep`; a row with nothing kept gives zeros."""
-  scores = jnp.where(keep, scores, -jnp.inf)
+def _grouped_attention(q, k, v, mask, scale, *, kv: str):
+  """GQA attention with k/v laid out as `kv` (einsum letters b, s, k, d); q [B, Lq, H, D]."""
+  b, lq, h, d = q.shape
+  kv_heads = k.shape[kv.index("k")]
+  if h % kv_heads:
+    raise ValueError(f"kv heads ({kv_heads}) must divide query heads ({h})")
+  scale = d ** -0.5 if scale is None else scale
+  qg = q.reshape(b, lq, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum(f"bqkgd,{kv}->bkgqs", qg, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32) * scale, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   probs = jnp.exp(scores - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
   denom = jnp.sum(probs, axis=-1, keepdims=True)
-  return probs / jnp.where(denom == 0, 1.0, denom)
+  probs = probs / jnp.where(denom == 0, 1.0, denom)
+  out = jnp.einsum(f"bkgqs,{kv}->bqkgd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, lq, h, d).astype(q.dtype)
 
 
 def attend_dense(q, k, v, segment_ids, window_lo, window_hi, *, scale: float | None = None):
