@@ -152,13 +152,13 @@ def apply_stacked(layers: nnx.Module, x, step, *, num_layers: int, scan: bool,
 
 
 def stacked_layer(layers: nnx.Module, index: int) -> nnx.Module:
-  """Layer `index` of a stack as a module of its own (its parameter slices); for analysis."""
+  """Layer `index` of a stack as a module of its own (its parameter slices)."""
   graphdef, state = nnx.split(layers)
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
 
 
 def unstack(layers: nnx.Module, num_layers: int) -> list[nnx.Module]:
-  """The first `num_layers` layers of a stack as separate modules. Inside a jitted loop, take
-  them once before the loop: CPU XLA copies a slice of the stacked weights on every use inside
-  the loop body (a decode step then reads every weight twice), but a slice taken outside it once."""
+  """The first `num_layers` layers of a stack as separate modules. For a jitted loop, take them
+  before the loop: CPU XLA copies a slice of the stacked weights each time the loop body runs (a
+  decode step would read every weight twice), a slice taken before the loop only once."""
   return [stacked_layer(layers, i) for i in range(num_layers)]
