@@ -192,8 +192,7 @@ class Generator:
     self.layout, self.tokenizer, self.mesh = layout, tokenizer, mesh
     self.image_size, self.image_norm = image_size, image_norm
     self.length_multiple = length_multiple
-    llm_cfg = model.llm.cfg if isinstance(model, MultimodalDecoder) else model.cfg
-    self.stop_token_ids = default_stop_token_ids(layout, llm_cfg.eos_token_ids)
+    self.stop_token_ids = default_stop_token_ids(layout, _decoder(model).cfg.eos_token_ids)
     self.batch_shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH)
     # The answer template's tail (the end-of-answer token) is not part of an option's text.
     tail = layout.template.answer.split("{answer}")[1]
@@ -385,6 +384,11 @@ def _find_stop(text: str, stop_strings) -> int:
 
 
 # ------------------------------------------------------------------------------ jitted functions
+def _decoder(model: nnx.Module) -> nnx.Module:
+  """The decoder LLM of a MultimodalDecoder, or the model itself (a text-only DecoderLLM)."""
+  return model.llm if isinstance(model, MultimodalDecoder) else model
+
+
 def _is_stop(tokens, stops):
   return jnp.any(tokens[:, None] == stops[None, :], axis=-1)
 
@@ -407,7 +411,7 @@ def _decode(graphdef, mesh, state, carry, until, controls, *, greedy: bool):
   """Decode steps while step < until and some row has not stopped. Step n feeds token n - 1 (at
   position prompt_length + n - 1, cache slot P + n - 1) and samples token n."""
   model = nnx.merge(graphdef, state)
-  llm = model.llm if isinstance(model, MultimodalDecoder) else model
+  llm = _decoder(model)
   # CPU XLA would copy each layer's weight slices on every step inside the loop: slice them once
   # here. Accelerator compilers fuse the slices into the matmuls, and a hoisted copy of every
   # layer would cost the decoder's weights twice in device memory.

@@ -37,12 +37,16 @@ def save_model(directory: str | pathlib.Path, params: Mapping[str, np.ndarray],
 
 def _low_memory_handler() -> ocp.PyTreeCheckpointHandler:
   """The pytree handler, set so that saving costs no memory beyond the params themselves (a 1B
-  import: peak RSS 11.3 GiB with StandardCheckpointer's defaults, 4.5 GiB with these):
+  import: peak RSS 11.3 GiB with StandardCheckpointer's defaults, 4.5 GiB with these and the
+  chunks below):
   - numpy arrays are written as they are: orbax deep-copies them by default in case the caller
     changes them during an async save, and this save is synchronous;
   - no OCDBT: its writer holds every array's encoded bytes until the final commit (one more copy
     of the model); without it each parameter is a tensorstore array of its own, written and
-    released in turn (a converted model has few, large arrays: the layers are stacked)."""
+    released in turn (a converted model has few, large arrays: the layers are stacked);
+  - at most 1 GB of arrays in flight to disk at a time (orbax's default allows 96).
+  The arrays are also cut in CHUNK_BYTES chunks (save_model's SaveArgs): a whole 1 GB array was
+  encoded in one piece."""
   numpy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
   registry = ocp.type_handlers.create_type_handler_registry((np.ndarray, numpy))
   return ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, type_handler_registry=registry,
