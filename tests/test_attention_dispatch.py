@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import Mesh
 
 import mma_jax.attention as attention
-from mma_jax.attention import attend
+from mma_jax.attention import attend, flash
+from test_flash_tpu import tpu_mesh
 
 
 def inputs(batch=2, length=128, heads=4, kv_heads=2, head_dim=16, dtype=jnp.float32):
@@ -37,17 +38,17 @@ def test_auto_picks_dense_off_tpu_and_logs_once(fresh_log):
     got = attend(q, k, v, seg, lo, hi)
   assert jnp.array_equal(got, want)
   messages = [r.getMessage() for r in fresh_log.records]
-  assert messages == ["attention impl=auto -> dense (backend is cpu; the flash kernel runs "
-                      "natively on TPU only)"]
+  assert messages == ["attention impl=auto -> dense (target platform is cpu; the flash kernel "
+                      "runs natively on TPU only)"]
 
 
 def test_auto_on_tpu_prefers_flash_and_says_why_not(fresh_log, monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # no mesh: the backend decides
   q, k, v, seg, lo, hi = inputs()
   assert attention._resolve("auto", q, k, v, lo, hi) == "flash"
   assert attention._resolve("auto", q[:, :1], k, v, lo, hi) == "dense"  # decode-shaped
   messages = [r.getMessage() for r in fresh_log.records]
-  assert messages[0] == "attention impl=auto -> flash (backend is tpu)"
+  assert messages[0] == "attention impl=auto -> flash (target platform is tpu)"
   assert "flash cannot serve this input: flash is self-attention" in messages[1]
 
 
@@ -70,15 +71,34 @@ def test_flash_under_a_mesh_runs_sharded():
   assert float(jnp.max(jnp.abs(got - want))) <= 1e-5
 
 
-def test_flash_under_a_mesh_it_cannot_split(fresh_log, monkeypatch):
+def test_flash_under_a_mesh_it_cannot_split(fresh_log):
   q, k, v, seg, lo, hi = inputs(kv_heads=1)
   mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
   with jax.set_mesh(mesh):
     with pytest.raises(ValueError, match="kv heads 1 must both split"):
       attend(q, k, v, seg, lo, hi, impl="flash")
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with jax.set_mesh(tpu_mesh("v5e", (2, 1, 2))):  # a TPU target: auto would pick flash
     assert attention._resolve("auto", q, k, v, lo, hi) == "dense"
   assert "kv heads 1 must both split" in fresh_log.records[-1].getMessage()
+
+
+def test_target_platform_follows_the_mesh(fresh_log, monkeypatch):
+  """Under a mesh of described TPU chips (on this CPU host) auto picks flash and flash's
+  interpret default is off; a mesh of CPU devices keeps dense even if the backend says tpu."""
+  q, k, v, seg, lo, hi = inputs()
+  assert flash.target_platform() == "cpu" and flash._default_interpret()
+  with jax.set_mesh(tpu_mesh("v5e", (2, 1, 2))):
+    assert flash.target_platform() == "tpu"
+    assert not flash._default_interpret()
+    assert attention._resolve("auto", q, k, v, lo, hi) == "flash"
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with jax.set_mesh(Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))):
+    assert flash.target_platform() == "cpu"
+    assert attention._resolve("auto", q, k, v, lo, hi) == "dense"
+  messages = [r.getMessage() for r in fresh_log.records]
+  assert messages == ["attention impl=auto -> flash (target platform is tpu)",
+                      "attention impl=auto -> dense (target platform is cpu; the flash kernel "
+                      "runs natively on TPU only)"]
 
 
 @pytest.mark.parametrize("impl,args,message", [

@@ -5,7 +5,9 @@ impl:
   flash   the Pallas kernel of flash.py (TPU; interpret mode elsewhere); per-example layouts
   splash  jax's stock splash kernel with a static MMA mask (one layout for the whole batch,
           concrete vectors only); a baseline
-  auto    flash on TPU when it can serve the input, else dense; the choice is logged once
+  auto    flash when the target is TPU and it can serve the input, else dense; the choice is
+          logged once. The target is flash.target_platform(): the platform of the mesh set with
+          jax.set_mesh (a described TPU topology counts), else jax.default_backend()
 """
 from __future__ import annotations
 
@@ -48,13 +50,14 @@ def _resolve(impl: str, q, k, v, window_lo, window_hi) -> str:
     if reason:
       raise ValueError(f"attention impl 'splash' cannot serve this input: {reason}")
   elif impl == "auto":
-    backend = jax.default_backend()
-    if backend != "tpu":
-      impl, reason = "dense", f"backend is {backend}; the flash kernel runs natively on TPU only"
+    platform = flash.target_platform()
+    if platform != "tpu":
+      impl, reason = "dense", (f"target platform is {platform}; the flash kernel runs natively "
+                               "on TPU only")
     else:
       reason = _flash_reason(q, k, v)
       impl, reason = ("dense", f"flash cannot serve this input: {reason}") if reason else (
-          "flash", "backend is tpu")
+          "flash", "target platform is tpu")
     _log_once(impl, reason)
   return impl
 

@@ -10,7 +10,8 @@ count repeat the last block (no new DMA) and skip compute (`max_steps` can short
 Mask tiles are computed in-kernel: q-side vectors arrive as (bq, 128) lane-broadcast blocks, kv
 segment ids as (8, bkv) sublane-broadcast blocks, and per-row statistics (m, l, lse, di) live in
 lane-replicated (bq, 128) tiles. The softmax scale is applied to q before the kernels;
-accumulation is f32.
+accumulation is f32. Each pallas_call carries a pl.CostEstimate (_cost_estimate) so XLA's cost
+analysis sees the kernels' work.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ LANES, SUBLANES = 128, 8
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASK - m) underflows to 0
 PAD_SEGMENT = int(jnp.iinfo(jnp.int32).min)  # segment id of internal padding: matches nothing real
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
+NN = (((1,), (0,)), ((), ()))  # a @ b
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
 
 
@@ -63,6 +65,16 @@ def _step_block(schedule_ref, row, step):
   return block, step < count
 
 
+def _dot(a, b, dims=NN):
+  """An f32-accumulated matmul. bf16 x bf16 products are exact in f32, so those run at Mosaic's
+  default precision: Mosaic rejects fp32 contract precision on bf16 operands, which
+  jax_default_matmul_precision="highest" (tests, convert) would otherwise ask for. Other dots
+  keep the configured precision."""
+  bf16 = a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16
+  return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.DEFAULT if bf16 else None,
+                             preferred_element_type=jnp.float32)
+
+
 def _kv_head(h, group):
   # lax.div: `//` on int32 lowers through sign() in Mosaic; ids are non-negative.
   return h if group == 1 else jax.lax.div(h, jnp.int32(group))
@@ -78,7 +90,7 @@ def _mask_tile(q_seg_ref, q_lo_ref, q_hi_ref, kv_seg_ref, q_block, kv_block, bq,
 
 def _probs(q, k, lse, keep, bkv):
   """Softmax probabilities of a tile from the saved log-sum-exp; masked entries are exactly 0."""
-  s = jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32)
+  s = _dot(q, k, NT)
   return jnp.where(keep, jnp.exp(s - _lanes(lse, bkv)), 0.0)
 
 
@@ -99,14 +111,14 @@ def _fwd_kernel(schedule_ref, q_ref, k_ref, v_ref, q_seg_ref, q_lo_ref, q_hi_ref
   @pl.when(active)
   def _accumulate():
     keep = _mask_tile(q_seg_ref, q_lo_ref, q_hi_ref, kv_seg_ref, i, kv_block, bq, bkv)
-    s = jax.lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=jnp.float32)
+    s = _dot(q_ref[...], k_ref[...], NT)
     s = jnp.where(keep, s, MASK_VALUE)
     m_prev = m_scratch[...]
     m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))  # (bq, 128)
     p = jnp.where(keep, jnp.exp(s - _lanes(m_next, bkv)), 0.0)  # a masked key never counts
     alpha = jnp.exp(m_prev - m_next)
     l_scratch[...] = alpha * l_scratch[...] + p.sum(axis=1, keepdims=True)
-    pv = jnp.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
+    pv = _dot(p.astype(v_ref.dtype), v_ref[...])
     acc_scratch[...] = _lanes(alpha, head_dim) * acc_scratch[...] + pv
     m_scratch[...] = m_next
 
@@ -131,10 +143,9 @@ def _dq_kernel(schedule_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_seg
   def _accumulate():
     keep = _mask_tile(q_seg_ref, q_lo_ref, q_hi_ref, kv_seg_ref, i, kv_block, bq, bkv)
     p = _probs(q_ref[...], k_ref[...], lse_ref[...], keep, bkv)
-    dp = jax.lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
+    dp = _dot(do_ref[...], v_ref[...], NT)
     ds = p * (dp - _lanes(di_ref[...], bkv))
-    acc_scratch[...] += jnp.dot(ds.astype(k_ref.dtype), k_ref[...],
-                                preferred_element_type=jnp.float32)
+    acc_scratch[...] += _dot(ds.astype(k_ref.dtype), k_ref[...])
 
   @pl.when(j == steps - 1)
   def _finish():
@@ -157,15 +168,65 @@ def _dkv_kernel(schedule_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_se
     q, do = q_ref[...], do_ref[...]
     keep = _mask_tile(q_seg_ref, q_lo_ref, q_hi_ref, kv_seg_ref, q_block, kj, bq, bkv)
     p = _probs(q, k_ref[...], lse_ref[...], keep, bkv)
-    dv_scratch[...] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dp = jax.lax.dot_general(do, v_ref[...], NT, preferred_element_type=jnp.float32)
+    dv_scratch[...] += _dot(p.T.astype(do.dtype), do)
+    dp = _dot(do, v_ref[...], NT)
     ds = p * (dp - _lanes(di_ref[...], bkv))
-    dk_scratch[...] += jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    dk_scratch[...] += _dot(ds.T.astype(q.dtype), q)
 
   @pl.when((g == group - 1) & (t == steps - 1))
   def _finish():
     dk_ref[...] = dk_scratch[...].astype(dk_ref.dtype)
     dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
+
+
+# --- cost estimates (what XLA's cost analysis sees of each pallas_call) ----------------------
+#
+# The blocks a kernel visits are data-dependent (the schedules arrive by scalar prefetch), so
+# the estimate assumes the causal block triangle per (batch, head): one causal sequence filling
+# each row. That is exact for that layout (the common case); packing and padding visit fewer
+# blocks, MMA windows a few more. Each schedule row is capped by the grid's `steps` (max_steps
+# may shorten it).
+
+_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}  # (bq x bkv x D) matmuls per visited block and head
+
+
+def _causal_visits(kernel, n_q, n_kv, bq, bkv, steps):
+  """Visited blocks per (batch, head) under the causal-triangle assumption, capped by the grid:
+  q block i needs kv blocks 0..((i+1)bq - 1) // bkv; kv block j is needed by q blocks
+  j bkv // bq..n_q - 1 (dkv walks these)."""
+  if kernel == "dkv":
+    return sum(min(n_q - j * bkv // bq, steps) for j in range(n_kv))
+  return sum(min(((i + 1) * bq - 1) // bkv + 1, n_kv, steps) for i in range(n_q))
+
+
+def _cost_estimate(kernel, q, k, steps, cfg):
+  """pl.CostEstimate of one kernel ("fwd", "dq", "dkv") on kernel-layout q [B, H, Lp, D], k."""
+  batch, heads, length, head_dim = q.shape
+  kv_heads = k.shape[1]
+  bq, bkv = cfg.block_q, cfg.block_kv
+  n_q, n_kv = length // bq, length // bkv
+  visits = _causal_visits(kernel, n_q, n_kv, bq, bkv, steps)
+  tile = bq * bkv
+  q_tile, kv_tile = bq * head_dim * q.dtype.itemsize, bkv * head_dim * k.dtype.itemsize
+  row_stat = bq * LANES * 4  # one lane-replicated f32 statistic (lse, di)
+  q_vectors = 3 * bq * LANES * 4  # segment ids, window lo/hi, lane-broadcast int32
+  kv_vector = SUBLANES * bkv * 4  # kv segment ids, sublane-broadcast int32
+  # bytes once per grid row (per head of the row axis) and once per visited block (per head)
+  if kernel == "fwd":  # row: q in, o and lse out; visit: k, v
+    row_heads, n_rows = heads, n_q
+    per_row, per_visit = 2 * q_tile + row_stat + q_vectors, 2 * kv_tile + kv_vector
+  elif kernel == "dq":  # row: q, do in, dq out, lse, di; visit: k, v
+    row_heads, n_rows = heads, n_q
+    per_row, per_visit = 3 * q_tile + 2 * row_stat + q_vectors, 2 * kv_tile + kv_vector
+  else:  # dkv, row per kv head: k, v in, dk, dv out; visit per query head: q, do, lse, di
+    row_heads, n_rows = kv_heads, n_kv
+    per_row, per_visit = 4 * kv_tile + kv_vector, 2 * q_tile + 2 * row_stat + q_vectors
+  schedule = n_rows * 4 * 4  # int32 (start1, count1, start2, count) per row
+  return pl.CostEstimate(
+      flops=batch * heads * visits * 2 * _MATMULS[kernel] * tile * head_dim,
+      transcendentals=batch * heads * visits * tile,  # the exps of the score tile (recomputed)
+      bytes_accessed=batch * (row_heads * n_rows * per_row + heads * visits * per_visit
+                              + schedule))
 
 
 # --- pallas_call wrappers (arrays in kernel layout: q/k/v [B, heads, Lp, D]) ------------------
@@ -222,6 +283,7 @@ def _forward(q, k, v, vectors, fwd_schedule, cfg):
                    jax.ShapeDtypeStruct((batch, heads, length, LANES), jnp.float32)],
         compiler_params=_compiler_params(3, 1),
         interpret=cfg.interpret,
+        cost_estimate=_cost_estimate("fwd", q, k, steps, cfg),
         name="mma_flash_fwd",
     )(fwd_schedule.reshape(-1), q, k, v, *vectors)
 
@@ -263,6 +325,7 @@ def _backward(q, k, v, vectors, fwd_schedule, bwd_schedule, out, lse, d_out, cfg
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(3, 1),
         interpret=cfg.interpret,
+        cost_estimate=_cost_estimate("dq", q, k, steps, cfg),
         name="mma_flash_dq",
     )(fwd_schedule.reshape(-1), q, k, v, d_out, lse, di, *vectors)
   dq = _with_steps(run_dq, fwd_schedule, n_kv, cfg.max_steps)
@@ -297,6 +360,7 @@ def _backward(q, k, v, vectors, fwd_schedule, bwd_schedule, out, lse, d_out, cfg
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_compiler_params(3, 2),
         interpret=cfg.interpret,
+        cost_estimate=_cost_estimate("dkv", q, k, steps, cfg),
         name="mma_flash_dkv",
     )(bwd_schedule.reshape(-1), q, k, v, d_out, lse, di, *vectors)
   dk, dv = _with_steps(run_dkv, bwd_schedule, n_q, cfg.max_steps)
@@ -349,8 +413,16 @@ def unsupported_reason(q, k, v, *, block_q=128, block_kv=128, interpret=None):
   return None
 
 
+def target_platform() -> str:
+  """The platform the program being traced will run on: that of the mesh's devices when one is
+  set with jax.set_mesh (a described TPU topology counts, even when compiling on a CPU host),
+  else jax.default_backend()."""
+  device = jax.sharding.get_abstract_mesh().abstract_device  # None without a (concrete) mesh
+  return device.platform if device is not None else jax.default_backend()
+
+
 def _default_interpret():
-  return jax.default_backend() != "tpu"
+  return target_platform() != "tpu"
 
 
 def _round_up(x, multiple):
@@ -367,7 +439,8 @@ def flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, scale=None, b
   at long L with packed short examples most steps then idle; a bound on the blocks a row needs
   (see mask.count_visited / the schedules' counts) cuts that per-step overhead. A batch with a
   row that needs more runs on the full grid (checked on device), so it never changes results.
-  `interpret` defaults to True off TPU. Differentiable in q, k, v.
+  `interpret` defaults to True unless the target (target_platform()) is TPU. Differentiable in
+  q, k, v.
   """
   interpret = _default_interpret() if interpret is None else interpret
   reason = unsupported_reason(q, k, v, block_q=block_q, block_kv=block_kv, interpret=interpret)
