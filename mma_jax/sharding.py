@@ -9,7 +9,6 @@ prints the plan per parameter group and ends with `per_device_bytes=<int>`; it n
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import Mapping, Sequence
 
@@ -19,6 +18,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mma_jax.config import ConfigError, MeshConfig
+from mma_jax.platform import distributed_cluster, on_tpu_host
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
@@ -133,12 +133,14 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
   """Starts multi-process JAX; call it before anything touches the devices. On TPU VMs every
-  argument is discovered automatically; other clusters pass the coordinator address, process count
-  and this process's id. Without arguments and without TPU support installed: one process."""
+  argument is discovered automatically, and so under Open MPI, SLURM or Kubernetes (with the
+  `kubernetes` package), as jax finds them; other clusters pass the coordinator address, process
+  count and this process's id. Without arguments anywhere else: one process, at once."""
   if coordinator is None and num_processes is None:
     # Asking jax.default_backend() would start the backend, after which jax.distributed refuses
-    # to initialise: look for the TPU runtime package instead, and let jax find the pod slice.
-    if importlib.util.find_spec("libtpu") is None:
+    # to initialise: decide from local facts (TPU device files, the environment), never from the
+    # network, and only then let jax find the pod slice or cluster.
+    if not (on_tpu_host() or distributed_cluster()):
       return
     try:
       jax.distributed.initialize()

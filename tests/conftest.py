@@ -6,6 +6,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import mma_jax.platform  # noqa: E402  first: off TPU hosts JAX starts no TPU runtime
+
+mma_jax.platform.quiet_deviceless_tpu()  # described-topology compiles (libtpu) print nothing
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
