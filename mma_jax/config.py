@@ -172,6 +172,8 @@ class MeshConfig:
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
+  # The second factor of fsdp (sharding.py): 0 = chosen for the model's weights, else a divisor.
+  fsdp_transpose: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -216,6 +218,8 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 0                    # held-out loss every N steps; 0 = only at the end
   eval_batches: int = 8                  # batches of the held-out loss
+  # [a, b]: a jax.profiler trace of steps a..b in <run dir>/profile (TensorBoard/XProf); [] = off
+  profile_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -432,12 +436,17 @@ def validate(config: Config) -> None:
     _check(s == -1 or s >= 1, f"mesh.{n}", f"{s} must be >= 1 or -1 (the remaining devices)")
   _check(list(sizes.values()).count(-1) <= 1, "mesh",
          "at most one of data, fsdp, tensor may be -1")
+  _check(config.mesh.fsdp_transpose >= 0, "mesh.fsdp_transpose",
+         f"{config.mesh.fsdp_transpose} must be 0 (chosen for the model) or a divisor of mesh.fsdp")
   _check(config.data.max_length > 0, "data.max_length", "must be positive")
   t = config.train
   _check(t.batch_size > 0 and t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
          "train.grad_accum", f"{t.grad_accum} must divide train.batch_size={t.batch_size}")
   _check(t.min_learning_rate <= t.learning_rate, "train.min_learning_rate",
          f"{t.min_learning_rate} exceeds train.learning_rate={t.learning_rate}")
+  p = t.profile_steps
+  _check(not p or (len(p) == 2 and 1 <= p[0] <= p[1]), "train.profile_steps",
+         f"{p} must be [first, last] steps with 1 <= first <= last, or [] (no trace)")
 
 
 def main(argv: typing.Sequence[str] | None = None) -> int:

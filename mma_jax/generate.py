@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from mma_jax.attention import target_platform
 from mma_jax.data.images import preprocess
 from mma_jax.data.packing import example_fields, merge_row
 from mma_jax.layout import ChatLayout, Conversation, Example
@@ -103,7 +104,7 @@ def _next_tokens(logits, rng, controls, greedy: bool):
   return sample_tokens(logits, rng, controls["temperature"], controls["top_k"], controls["top_p"])
 
 
-def _controls(s: SamplingConfig, stop_ids: Sequence[int]) -> tuple[dict, bool]:
+def controls_for(s: SamplingConfig, stop_ids: Sequence[int]) -> tuple[dict, bool]:
   """(traced sampling settings and stop ids, greedy): only greedy-or-not is compiled in. The stop
   ids are padded with -1 (never a token) to a multiple of 8, so their number rarely recompiles."""
   if s.max_new_tokens < 1:
@@ -167,14 +168,40 @@ _CARRY_AXES = {"tokens": ("batch", None), "done": ("batch",), "prompt_length": (
                "step": (), "rng": (None,)}
 
 
+def _shardings(tree: dict, axes: dict, mesh: Mesh) -> dict:
+  sizes = dict(mesh.shape)
+  return {k: NamedSharding(mesh, logical_to_spec(axes[k], v.shape, sizes)) for k, v in tree.items()}
+
+
 def _constrain(tree: dict, axes: dict, mesh: Mesh | None) -> dict:
   """Pins each array to the sharding its logical axes give, so every call returns the state laid
   out the same way (and the next call does not recompile for another layout)."""
   if mesh is None:
     return tree
-  sizes = dict(mesh.shape)
-  return {k: jax.lax.with_sharding_constraint(
-      v, NamedSharding(mesh, logical_to_spec(axes[k], v.shape, sizes))) for k, v in tree.items()}
+  return {k: jax.lax.with_sharding_constraint(v, sharding)
+          for (k, v), sharding in zip(tree.items(), _shardings(tree, axes, mesh).values())}
+
+
+def carry_shardings(carry: dict, mesh: Mesh) -> dict:
+  """The shardings the prefill pins the decode loop's state to (carry: arrays or shapes)."""
+  rest = {k: v for k, v in carry.items() if k != "cache"}
+  return {**_shardings(rest, _CARRY_AXES, mesh),
+          "cache": _shardings(carry["cache"], _CACHE_AXES, mesh)}
+
+
+def jit_programs(graphdef, mesh: Mesh | None):
+  """(prefill, decode) jitted as the Generator runs them (mma_jax.compile traces the same).
+  prefill(state, batch, rng, controls, *, cache_length, max_new_tokens, greedy) -> (logits,
+  carry); decode(state, carry, until, controls, *, greedy) -> carry."""
+  prefill = jax.jit(functools.partial(_prefill, graphdef, mesh),
+                    static_argnames=("cache_length", "max_new_tokens", "greedy"))
+  # The loop state (the cache above all) is donated: one copy lives at a time. CPU cannot
+  # donate and would warn on every call.
+  platform = (jax.default_backend() if mesh is None else mesh.devices.flat[0].platform)
+  donate = ("carry",) if platform != "cpu" else ()
+  decode = jax.jit(functools.partial(_decode, graphdef, mesh), static_argnames=("greedy",),
+                   donate_argnames=donate)
+  return prefill, decode
 
 
 # --------------------------------------------------------------------------------------- generator
@@ -202,13 +229,7 @@ class Generator:
     if mesh is not None:
       state = jax.device_put(state, tree_shardings(state, mesh))
     self._state = state
-    self._prefill = jax.jit(functools.partial(_prefill, graphdef, mesh),
-                            static_argnames=("cache_length", "max_new_tokens", "greedy"))
-    # The loop state (the cache above all) is donated: one copy lives at a time. CPU cannot
-    # donate and would warn on every call.
-    donate = ("carry",) if jax.default_backend() != "cpu" else ()
-    self._decode = jax.jit(functools.partial(_decode, graphdef, mesh),
-                           static_argnames=("greedy",), donate_argnames=donate)
+    self._prefill, self._decode = jit_programs(graphdef, mesh)
     self._score = jax.jit(functools.partial(_score, graphdef), static_argnames=("slots",))
 
   # ------------------------------------------------------------------------------------ public
@@ -226,7 +247,7 @@ class Generator:
     if not examples:
       return []
     stop_ids = tuple(dict.fromkeys(self.stop_token_ids + tuple(sampling.stop_token_ids)))
-    controls, greedy = _controls(sampling, stop_ids)
+    controls, greedy = controls_for(sampling, stop_ids)
     batch, count, lengths = self._prompt_batch(examples, images)
     rng = jax.random.PRNGKey(sampling.seed)
     limit = sampling.max_new_tokens
@@ -256,7 +277,7 @@ class Generator:
     """The next-token f32 logits [B, V] after each generation prompt (the prefill's output)."""
     examples = [self.layout.conversation(c, generation_prompt=True) for c in conversations]
     batch, count, _ = self._prompt_batch(examples, self._preprocess(conversations, images))
-    controls, _ = _controls(SamplingConfig(max_new_tokens=1), ())
+    controls, _ = controls_for(SamplingConfig(max_new_tokens=1), ())
     with self._mesh_context():
       logits, _ = self._prefill(self._state, batch, jax.random.PRNGKey(0), controls,
                                 cache_length=batch["tokens"].shape[1], max_new_tokens=1,
@@ -415,7 +436,7 @@ def _decode(graphdef, mesh, state, carry, until, controls, *, greedy: bool):
   # CPU XLA would copy each layer's weight slices on every step inside the loop: slice them once
   # here. Accelerator compilers fuse the slices into the matmuls, and a hoisted copy of every
   # layer would cost the decoder's weights twice in device memory.
-  layers = unstack(llm.layers, llm.cfg.num_layers) if jax.default_backend() == "cpu" else None
+  layers = unstack(llm.layers, llm.cfg.num_layers) if target_platform() == "cpu" else None
 
   def cond(c):
     return (c["step"] < until) & ~jnp.all(c["done"])

@@ -1,8 +1,15 @@
 """Device meshes, the one logical-axis rules table, sharded creation, multi-host start-up.
 
-Parameters carry logical axis names (models/layers.py); `RULES` maps each name to a mesh axis.
-A mesh axis is used at most once per array (the first logical axis claiming it wins) and a
-dimension that does not divide evenly stays replicated, so any model fits any mesh.
+Parameters and activations carry logical axis names (models/); `RULES` maps each name to mesh
+axes. A mesh axis is used at most once per array (the first logical axis claiming it wins); a
+dimension takes the longest prefix of its mesh axes that divides it, and stays replicated when
+none does, so any model fits any mesh.
+
+The FSDP devices form two mesh axes, `fsdp` x `fsdp_transpose` (the config's `mesh.fsdp` is their
+product): a weight whose first dimension does not divide by every FSDP device (SigLIP's width
+1152 on 256 chips) shards that dimension over `fsdp` and its other dimension over
+`fsdp_transpose`. `mesh.fsdp_transpose: 0` picks the split that minimises the bytes a device
+holds of the model's parameters (1, the plain layout, whenever every weight divides).
 
     python -m mma_jax.sharding describe configs/X.yaml mesh.fsdp=256 ...
 prints the plan per parameter group and ends with `per_device_bytes=<int>`; it needs no devices.
@@ -10,7 +17,7 @@ prints the plan per parameter group and ends with `per_device_bytes=<int>`; it n
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -20,32 +27,36 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from mma_jax.config import ConfigError, MeshConfig
 from mma_jax.platform import distributed_cluster, on_tpu_host
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "fsdp_transpose", "tensor")
+BATCH = ("data", "fsdp", "fsdp_transpose")
+_FSDP = ("fsdp", "fsdp_transpose")
+_SPLIT = ("tensor", "fsdp_transpose")   # a weight's output-side dim: tensor, else FSDP's 2nd factor
 
-# logical axis -> mesh axis (or None: replicated). Parameters and activations share the table.
+# logical axis -> mesh axes (or None: replicated). Parameters and activations share the table.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH),
     ("layers", None),
     ("length", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vision_embed", "fsdp"),
-    ("vision_heads", "tensor"),
-    ("vision_mlp", "tensor"),
-    ("connector_heads", "tensor"),
-    ("connector_mlp", "tensor"),
+    ("vocab", _SPLIT),
+    ("embed", _FSDP),
+    ("heads", _SPLIT),
+    ("kv_heads", _SPLIT),
+    ("mlp", _SPLIT),
+    ("vision_embed", _FSDP),
+    ("vision_heads", _SPLIT),
+    ("vision_mlp", _SPLIT),
+    ("connector_heads", _SPLIT),
+    ("connector_mlp", _SPLIT),
 )
 _RULES = dict(RULES)
 
 
 # ------------------------------------------------------------------------------------------- mesh
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-  """Axis sizes with the -1 axis resolved; refuses shapes that do not use every device."""
-  sizes = {name: getattr(cfg, name) for name in MESH_AXES}
+def mesh_shape(cfg: MeshConfig, num_devices: int,
+               params: Iterable[tuple[tuple[int, ...], tuple, int]] | None = None) -> dict[str, int]:
+  """Axis sizes of MESH_AXES with the -1 axis resolved; refuses shapes that do not use every
+  device. `params` ((shape, logical axes, itemsize) per parameter) lets fsdp_transpose=0 choose."""
+  sizes = {name: getattr(cfg, name) for name in ("data", "fsdp", "tensor")}
   fixed = math.prod(s for s in sizes.values() if s != -1)
   for name, size in sizes.items():
     if size == -1:
@@ -57,23 +68,58 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     raise ConfigError(f"config key 'mesh': data x fsdp x tensor = "
                       f"{' x '.join(map(str, sizes.values()))} = {math.prod(sizes.values())} "
                       f"but {num_devices} devices are available")
-  return sizes
+  fsdp, inner = sizes["fsdp"], cfg.fsdp_transpose
+  if inner and fsdp % inner:
+    raise ConfigError(f"config key 'mesh.fsdp_transpose': {inner} does not divide "
+                      f"mesh.fsdp={fsdp}")
+  if not inner:
+    inner = best_fsdp_transpose(sizes, list(params or ()))
+  return {"data": sizes["data"], "fsdp": fsdp // inner, "fsdp_transpose": inner,
+          "tensor": sizes["tensor"]}
 
 
-def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axes (jax.make_mesh would default to Explicit)."""
+def best_fsdp_transpose(sizes: Mapping[str, int], params: list) -> int:
+  """The smallest fsdp_transpose factor of sizes["fsdp"] whose per-device parameter bytes are
+  within 1% of the fewest any factor gives: a split only where it saves real memory (any split
+  shards a few more biases), so a model whose weights all divide keeps the plain layout."""
+  fsdp = sizes["fsdp"]
+
+  def device_bytes(inner):
+    split = {**sizes, "fsdp": fsdp // inner, "fsdp_transpose": inner}
+    return sum(math.prod(shard_shape(shape, logical_to_spec(axes, shape, split), split)) * size
+               for shape, axes, size in params)
+
+  costs = {f: device_bytes(f) for f in range(1, fsdp + 1) if fsdp % f == 0}
+  return min(f for f, cost in costs.items() if cost <= 1.01 * min(costs.values()))
+
+
+def param_shapes(state) -> list[tuple[tuple[int, ...], tuple, int]]:
+  """(shape, logical axes, itemsize) of every nnx Variable of an (abstract) state."""
+  out = []
+  for _, variable in nnx.to_flat_state(state):
+    value = variable.get_value()
+    axes = tuple(variable.get_metadata().get("out_sharding") or (None,) * value.ndim)
+    out.append((tuple(value.shape), axes, np.dtype(value.dtype).itemsize))
+  return out
+
+
+def mesh_text(sizes: Mapping[str, int]) -> str:
+  """'data=1 fsdp=128 fsdp_transpose=2 tensor=1' (fsdp_transpose shown only when it splits)."""
+  return " ".join(f"{a}={sizes[a]}" for a in MESH_AXES
+                  if a != "fsdp_transpose" or sizes.get(a, 1) > 1)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None, *,
+              params=None) -> Mesh:
+  """A (data, fsdp, fsdp_transpose, tensor) mesh with Auto axes (jax.make_mesh would default to
+  Explicit). params: the model's abstract state, for fsdp_transpose=0 (models.model_mesh)."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(cfg, len(devices))
+  shape = mesh_shape(cfg, len(devices), None if params is None else param_shapes(params))
   grid = np.asarray(devices).reshape(tuple(shape[a] for a in MESH_AXES))
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 # ----------------------------------------------------------------------------------------- specs
-def _size(mesh_axes, sizes: Mapping[str, int]) -> int:
-  names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
-  return math.prod(sizes[n] for n in names)
-
-
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int],
                     sizes: Mapping[str, int]) -> P:
   """Logical axis names of an array of `shape` -> PartitionSpec on a mesh of axis `sizes`."""
@@ -83,12 +129,35 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int],
     mesh_axes = _RULES.get(name) if name else None
     names = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
     names = tuple(n for n in names if n not in used and sizes.get(n, 1) > 1)
-    if not names or dim % _size(names, sizes):
-      out.append(None)
-      continue
+    while names and dim % math.prod(sizes[n] for n in names):
+      names = names[:-1]
     used.update(names)
-    out.append(names[0] if len(names) == 1 else names)
+    out.append(None if not names else names[0] if len(names) == 1 else names)
   return P(*out)
+
+
+def shard_shape(shape: Sequence[int], spec: P, sizes: Mapping[str, int]) -> tuple[int, ...]:
+  """The block of `shape` one device holds under `spec`."""
+  def ways(entry):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+    return math.prod(sizes[n] for n in names)
+  return tuple(d // ways(e) for d, e in zip(shape, tuple(spec) + (None,) * len(shape)))
+
+
+def constrain(x, axes: Sequence[str | None]):
+  """An activation pinned to its logical axes on the context mesh (jax.set_mesh); dims named
+  None stay free for the partitioner. Without a mesh of ours (plain jit, CPU tests): x itself.
+
+  The partitioner, left alone, may replicate a whole branch over the batch shards (SigLIP on
+  every image of the global batch when its weights are FSDP-sharded): batch on (data, fsdp,
+  fsdp_transpose) at a branch's entry and in each layer keeps every device on its own rows.
+  A dim whose rule gives no mesh axis is left unconstrained, never forced replicated."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "fsdp" not in mesh.axis_names or mesh.manual_axes:
+    return x
+  spec = logical_to_spec(axes, x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(
+      x, P(*(P.UNCONSTRAINED if entry is None else entry for entry in spec)))
 
 
 def tree_shardings(tree, mesh: Mesh):
@@ -122,6 +191,11 @@ def create_sharded(build, mesh: Mesh) -> nnx.Module:
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)()
   return nnx.merge(graphdef, state)
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+  """How many ways the batch splits on `mesh` (1 without one)."""
+  return 1 if mesh is None else math.prod(mesh.shape.get(a, 1) for a in BATCH)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -162,6 +236,7 @@ def is_main_process() -> bool:
 
 
 if __name__ == "__main__":
-  from mma_jax.sharding_describe import main  # the planner imports models: kept off this module's path
+  # The planner lives above models and train (mma_jax/compile); this keeps its documented name.
+  from mma_jax.compile.planner import main
 
   raise SystemExit(main())

@@ -14,9 +14,9 @@ from jax.sharding import AbstractMesh, AxisType
 
 from mma_jax.config import ConfigError, load_config
 from mma_jax.models import build_model
-from mma_jax.sharding_describe import main, mesh_sizes, plan
+from mma_jax.compile.planner import main, mesh_sizes, plan
 from mma_jax.train.optimizer import make_optimizer
-from mma_jax.sharding import tree_shardings
+from mma_jax.sharding import MESH_AXES, tree_shardings
 from mma_jax.train.state import trainable_filter
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -75,10 +75,11 @@ def hand_bytes(llm, connector, vision) -> int:
 
 
 # fsdp=256, tensor=1: every embed dim (3072 = 256 x 12) splits 256 ways; the vision width
-# 1152 = 256 x 4.5 does not divide, so the tower and the Perceiver stay whole on every device,
-# except the projection, whose output (embed) dim takes fsdp instead.
-FSDP256_PARAMS = aki_params(embed=256, heads=1, mlp=1, vocab=1, v_embed=1, v_heads=1, v_mlp=1,
-                            c_heads=1, c_mlp=1, proj=(1, 256))
+# 1152 = 256 x 4.5 does not, so the 256 FSDP devices form fsdp=128 x fsdp_transpose=2: the
+# vision width splits 128 ways (1152 = 128 x 9) and the other dim of each vision and connector
+# weight the remaining 2 ways (1152, 4304, 512, 4608 and, for the projection, 3072 are even).
+FSDP256_PARAMS = aki_params(embed=256, heads=1, mlp=1, vocab=1, v_embed=128, v_heads=2, v_mlp=2,
+                            c_heads=2, c_mlp=2, proj=(128, 2))
 FSDP256 = hand_bytes(*FSDP256_PARAMS)
 # fsdp=64, tensor=4: embed 3072 / 64, vision width 1152 / 64 = 18; heads, MLPs split 4 ways
 # (3072, 8192, 1152, 4304 = 4 x 1076, 512, 4608); the vocabulary 32014 is not a multiple of 4.
@@ -96,10 +97,13 @@ def run(capsys, *args):
 def test_aki_on_fsdp256_matches_the_hand_count(capsys):
   code, out, err = run(capsys, AKI, "mesh.data=1", "mesh.fsdp=256", "mesh.tensor=1")
   assert code == 0 and not err
+  assert "mesh: data=1 fsdp=128 fsdp_transpose=2 tensor=1 (256 devices)" in out
   assert out[-1] == f"per_device_bytes={FSDP256}"
-  assert FSDP256 == 2_768_010_912  # 2.58 GiB, mostly the replicated tower and Perceiver
+  # 0.19 GB, about state / 256 (2.77 GB when the 1152-wide weights stayed whole on every device)
+  assert FSDP256 == 189_829_296
   rows = {line.split()[0]: line.split()[1:] for line in out if line.startswith(("llm.", "vis"))}
-  assert rows["llm.embed.embedding"][:4] == ["32014x3072", "(vocab,", "embed)", "(-,"]
+  assert rows["llm.embed.embedding"][:5] == ["32014x3072", "(vocab,", "embed)", "(fsdp_transpose,",
+                                             "fsdp)"]
   assert rows["llm.layers.mlp.down.kernel"][-2:] == ["12.00", "MiB"]  # 32 x 8192 x 12 x 4 B
   assert rows["vision.layers.mlp.fc1.kernel"][-1] == "frozen"
   assert any(line.startswith("not included: gradients") for line in out)
@@ -117,7 +121,7 @@ def test_aki_with_mesh_preset_through_a_base_list(tmp_path):
   lines = result.stdout.splitlines()
   assert "mesh: data=1 fsdp=64 tensor=4 (256 devices)" in lines
   assert lines[-1] == f"per_device_bytes={FSDP64_TP4}"
-  assert FSDP64_TP4 == 217_879_056  # 208 MiB: 12.7x less than fsdp=256 on the same chips
+  assert FSDP64_TP4 == 217_879_056  # 208 MiB (fsdp=256 alone: 181 MiB, split 128 x 2)
 
 
 def test_optimizer_estimate_matches_the_real_adam_state():
@@ -129,7 +133,8 @@ def test_optimizer_estimate_matches_the_real_adam_state():
   model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
   params = nnx.state(model, trainable_filter(config))
   opt_state = jax.eval_shape(make_optimizer(config.train).init, params)
-  mesh = AbstractMesh((1, 256, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                      axis_types=(AxisType.Auto,) * len(MESH_AXES))
   shardings = jax.tree.leaves(tree_shardings(opt_state, mesh))
   leaves = jax.tree.leaves(opt_state)
   assert len(shardings) == len(leaves)

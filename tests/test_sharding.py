@@ -113,8 +113,27 @@ def test_rules_replicate_what_does_not_divide_and_use_an_axis_once():
   assert logical_to_spec(("batch", None), (8, 3), sizes) == jax.sharding.PartitionSpec("fsdp", None)
 
 
+
+def test_fsdp_splits_in_two_where_a_weight_does_not_divide():
+  """SigLIP's width 1152 on 256 FSDP devices: 1152 takes fsdp=128, the weight's other dim the
+  remaining fsdp_transpose=2; a weight that divides 256 ways keeps both on one dim."""
+  sizes = {"data": 1, "fsdp": 128, "fsdp_transpose": 2, "tensor": 1}
+  assert logical_to_spec(("vision_embed", "vision_mlp"), (1152, 4304), sizes) == (
+      jax.sharding.PartitionSpec("fsdp", "fsdp_transpose"))
+  assert logical_to_spec(("embed", "mlp"), (3072, 8192), sizes) == (
+      jax.sharding.PartitionSpec(("fsdp", "fsdp_transpose"), None))
+  params = [((27, 1152, 4304), ("layers", "vision_embed", "vision_mlp"), 4),
+            ((3072, 8192), ("embed", "mlp"), 4), ((1152,), ("vision_embed",), 4)]
+  assert mesh_shape(MeshConfig(1, 256, 1), 256, params)["fsdp_transpose"] == 2
+  assert mesh_shape(MeshConfig(1, 128, 1), 128, params)["fsdp_transpose"] == 1   # 1152 = 128 x 9
+
+
 def test_mesh_shape_errors_name_the_key():
-  assert mesh_shape(MeshConfig(2, -1, 2), 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert mesh_shape(MeshConfig(2, -1, 2), 8) == {"data": 2, "fsdp": 2, "fsdp_transpose": 1,
+                                                 "tensor": 2}
+  assert mesh_shape(MeshConfig(1, 8, 1, fsdp_transpose=2), 8)["fsdp_transpose"] == 2
+  with pytest.raises(ConfigError, match="mesh.fsdp_transpose.*3 does not divide mesh.fsdp=8"):
+    mesh_shape(MeshConfig(1, 8, 1, fsdp_transpose=3), 8)
   with pytest.raises(ConfigError, match="mesh.fsdp.*cannot fill 8 devices"):
     mesh_shape(MeshConfig(3, -1, 1), 8)
   with pytest.raises(ConfigError, match="= 4 but 8 devices"):

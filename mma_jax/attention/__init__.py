@@ -18,6 +18,7 @@ import jax
 from mma_jax.attention import flash, splash
 from mma_jax.attention.dense import attend_dense, cached_attention, dense_attention
 from mma_jax.attention.mask import allowed, materialize
+from mma_jax.attention.flash import target_platform
 
 IMPLS = ("auto", "dense", "flash", "splash")
 _log = logging.getLogger(__name__)
@@ -92,4 +93,5 @@ def attend(q, k, v, segment_ids, window_lo, window_hi, *, impl: str = "auto",
                                block_q=block_q, block_kv=block_kv)
 
 
-__all__ = ["attend", "allowed", "materialize", "dense_attention", "cached_attention", "attend_dense", "IMPLS"]
+__all__ = ["attend", "allowed", "materialize", "dense_attention", "cached_attention", "attend_dense",
+           "target_platform", "IMPLS"]

@@ -32,7 +32,7 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASK - m) u
 PAD_SEGMENT = int(jnp.iinfo(jnp.int32).min)  # segment id of internal padding: matches nothing real
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 NN = (((1,), (0,)), ((), ()))  # a @ b
-BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
+BATCH_AXES, HEAD_AXIS = ("data", "fsdp", "fsdp_transpose"), "tensor"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,7 +493,7 @@ def sharding_reason(q, k, mesh):
 
 def sharded_flash_attention(q, k, v, segment_ids, window_lo, window_hi, *, mesh, scale=None,
                             block_q=128, block_kv=128, max_steps=None, interpret=None):
-  """flash_attention under shard_map: batch over the mesh's ("data", "fsdp") axes, heads over
+  """flash_attention under shard_map: batch over the mesh's data and FSDP axes, heads over
   "tensor" (whichever of them the mesh has). Each shard computes its own block schedules."""
   reason = sharding_reason(q, k, mesh)
   if reason:

@@ -331,6 +331,19 @@ class RowIterator(grain.DatasetIterator):
 
 
 # ------------------------------------------------------------------------------------ batches
+def batch_shapes(config, *, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of every batch-contract field the pipeline of `config` hands a step of
+  `batch_size` rows (what BatchIterator stacks), for tracing programs without data."""
+  data, vision = config.data, config.model.vision
+  size = data.image_size or vision.image_size
+  length = data.max_length
+  shapes = {name: ((batch_size, length), np.dtype(np.int32)) for name in TOKEN_FIELDS}
+  shapes["loss_mask"] = ((batch_size, length), np.dtype(np.float32))
+  shapes["images"] = ((batch_size, data.images_per_row, size, size, 3), np.dtype(np.float32))
+  shapes["image_valid"] = ((batch_size, data.images_per_row), np.dtype(bool))
+  return shapes
+
+
 class BatchIterator(grain.DatasetIterator):
   """batch_size rows -> one batch of the batch contract; its state is the row iterator's state
   between batches. `counts` are the pipeline's example counts."""

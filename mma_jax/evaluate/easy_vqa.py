@@ -24,7 +24,7 @@ from mma_jax.data.images import preprocess
 from mma_jax.data.packing import example_fields, merge_row
 from mma_jax.data.pipeline import _text, easy_vqa_input, with_system
 from mma_jax.layout import ChatLayout
-from mma_jax.sharding import batch_sharding
+from mma_jax.sharding import batch_sharding, batch_shards
 from mma_jax.train.loss import answer_positions
 
 TYPES = ("yes_no", "shape", "color")
@@ -75,7 +75,7 @@ def evaluate(graphdef, params, frozen, layout: ChatLayout, source, *, image_size
 
   With a mesh, each batch is split over its data x fsdp axes (padded to a multiple of them).
   on_result(i, record, correct) is called per scored example (predictions files)."""
-  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = batch_shards(mesh)
   rows_per_batch = -(-batch_size // shards) * shards
   # With a mesh the result is replicated: every host reads all of it.
   jit_options = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}

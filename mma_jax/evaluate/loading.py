@@ -17,8 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mma_jax.config import Config, load_config
-from mma_jax.models import build_model
-from mma_jax.sharding import make_mesh, tree_shardings
+from mma_jax.models import build_model, model_mesh
+from mma_jax.sharding import tree_shardings
 from mma_jax.train.checkpoint import RunCheckpoints
 from mma_jax.train.loop import initial_model
 from mma_jax.train.state import split_model
@@ -64,7 +64,7 @@ def load_for_eval(path: str | pathlib.Path, overrides=()) -> LoadedModel:
   path = pathlib.Path(path).absolute()
   kind = checkpoint_kind(path)
   config = load_config(path / CONFIG_FILE, overrides)
-  mesh = make_mesh(config.mesh)
+  mesh = model_mesh(config)
   if kind == "converted":
     config.model.init_from = str(path)
     graphdef, params, frozen = split_model(initial_model(config, mesh), config)

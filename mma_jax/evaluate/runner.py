@@ -22,6 +22,7 @@ from mma_jax.evaluate.loading import LoadedModel
 from mma_jax.evaluate.report import build_report
 from mma_jax.evaluate.tsv import Benchmark, Question, Skipped
 from mma_jax.layout import ChatLayout, ConversationError
+from mma_jax.sharding import batch_shards
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class TsvRun:
       generator = Generator(loaded.model, self.layout, tokenizer, image_size=self.image_size,
                             image_norm=image_norm, mesh=loaded.mesh)
     self.generator = generator
-    shards = loaded.mesh.shape["data"] * loaded.mesh.shape["fsdp"]
+    shards = batch_shards(loaded.mesh)
     # Full batches, split evenly over data x fsdp: one compiled shape, no idle device.
     self.rows_per_batch = -(-config.eval.batch_size // shards) * shards
     self.max_positions = config.model.llm.max_position_embeddings

@@ -17,6 +17,7 @@ from flax import nnx
 from mma_jax.config import ConnectorConfig, VisionConfig
 from mma_jax.models.layers import DTYPES, LayerNorm, Linear, apply_stacked, param, stack_layers
 from mma_jax.models.vision import ACTIVATIONS, full_attention
+from mma_jax.sharding import constrain
 
 
 class PerceiverAttention(nnx.Module):
@@ -64,6 +65,8 @@ class PerceiverLayer(nnx.Module):
 
   def __call__(self, features, latents):
     # The residual adds the un-normalised latents: attn normalises its own inputs.
+    features = constrain(features, ("batch", None, None))
+    latents = constrain(latents, ("batch", None, None))
     latents = latents + self.attn(features, latents)
     return latents + self.ff(latents)
 

@@ -18,6 +18,7 @@ from mma_jax.attention import attend, cached_attention, materialize
 from mma_jax.config import LLMConfig, RopeConfig
 from mma_jax.models.layers import (DTYPES, Embed, Linear, RMSNorm, apply_stacked, scan_stacked,
                                    stack_layers, stacked_layer)
+from mma_jax.sharding import constrain
 
 
 # ---------------------------------------------------------------------------------------- rotary
@@ -161,6 +162,7 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, **kw)
 
   def __call__(self, x, cos, sin, segment_ids, window_lo, window_hi):
+    x = constrain(x, ("batch", None, None))
     x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids, window_lo, window_hi)
     return x + self.mlp(self.mlp_norm(x))
 

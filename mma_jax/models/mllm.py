@@ -17,6 +17,7 @@ from mma_jax.config import ModelConfig
 from mma_jax.models.connector import build_connector, tokens_per_image
 from mma_jax.models.llm import DecoderLLM
 from mma_jax.models.vision import VisionTower
+from mma_jax.sharding import constrain
 
 
 class MultimodalDecoder(nnx.Module):
@@ -34,11 +35,13 @@ class MultimodalDecoder(nnx.Module):
   def image_rows(self, images):
     """images [B, N, H, W, C] -> LLM-width rows [B, N * T, E]."""
     b, n = images.shape[:2]
-    features = self.vision(images.reshape(b * n, *images.shape[2:]))
+    # Each device encodes the images of its own batch rows, never the global batch's.
+    flat = constrain(images.reshape(b * n, *images.shape[2:]), ("batch", None, None, None))
+    features = self.vision(flat)
     if self.freeze_vision:
       features = jax.lax.stop_gradient(features)
     rows = self.connector(features)
-    return rows.reshape(b, n * rows.shape[1], rows.shape[2])
+    return constrain(rows.reshape(b, n * rows.shape[1], rows.shape[2]), ("batch", None, None))
 
   def embed(self, tokens, image_token_index, images):
     """Token embeddings with image rows placed where image_token_index >= 0."""
@@ -47,7 +50,8 @@ class MultimodalDecoder(nnx.Module):
       return x
     rows = self.image_rows(images).astype(x.dtype)
     gathered = jnp.take_along_axis(rows, jnp.maximum(image_token_index, 0)[..., None], axis=1)
-    return jnp.where((image_token_index >= 0)[..., None], gathered, x)
+    return constrain(jnp.where((image_token_index >= 0)[..., None], gathered, x),
+                     ("batch", None, None))
 
   def __call__(self, **batch):
     """The batch contract's fields -> f32 logits [B, L, V]."""

@@ -17,6 +17,7 @@ from flax import nnx
 from mma_jax.attention.dense import dense_attention
 from mma_jax.config import VisionConfig
 from mma_jax.models.layers import DTYPES, LayerNorm, Linear, apply_stacked, param, stack_layers
+from mma_jax.sharding import constrain
 
 
 def quick_gelu(x):
@@ -104,6 +105,7 @@ class EncoderLayer(nnx.Module):
     self.mlp = VisionMLP(cfg, **kw)
 
   def __call__(self, x):
+    x = constrain(x, ("batch", None, None))
     x = x + self.attn(self.attn_norm(x))
     return x + self.mlp(self.mlp_norm(x))
 

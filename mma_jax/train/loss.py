@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mma_jax.sharding import constrain
+
 
 def answer_positions(loss_mask, count: int):
   """The first `count` positions per row where loss_mask > 0, in order: (index [B, K], valid
@@ -30,7 +32,7 @@ def token_loss_sums(model, batch, *, loss_positions: int = 0):
     targets = jnp.take_along_axis(targets, index, axis=1)
     weights = jnp.take_along_axis(weights, index, axis=1) * valid
     overflow = jnp.sum(overflow)
-  logits = model.logits(hidden)
+  logits = constrain(model.logits(hidden), ("batch", None, "vocab"))
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   losses = jax.nn.logsumexp(logits, axis=-1) - picked
   return jnp.sum(losses * weights), jnp.sum(weights), overflow

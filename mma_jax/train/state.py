@@ -56,6 +56,20 @@ def init_train_state(config: Config, mesh: Mesh | None = None, model: nnx.Module
   return graphdef, state, optimizer
 
 
+def abstract_train_state(config: Config, mesh: Mesh):
+  """(graphdef, state, optimizer) as init_train_state builds them on `mesh`, with every array a
+  ShapeDtypeStruct carrying its sharding: no parameter is ever materialised."""
+  model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(config.train.seed)))
+  graphdef, params, frozen = split_model(model, config)
+  optimizer = make_optimizer(config.train)
+  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "frozen": frozen,
+           "opt_state": jax.eval_shape(optimizer.init, params)}
+  shardings = tree_shardings(state, mesh)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       state, shardings)
+  return graphdef, state, optimizer
+
+
 def per_device_bytes(tree) -> int:
   """Bytes one device holds of a pytree of sharded arrays (the largest shard per leaf)."""
   total = 0

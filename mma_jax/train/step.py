@@ -51,16 +51,24 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, t: TrainC
   return step
 
 
+def sharded_train_step(step, state, mesh: Mesh, batch_example):
+  """jax.jit of `step` with explicit shardings: the state per the rules table (donated), the batch
+  over the batch axes. Call it (or .trace it) under jax.set_mesh(mesh). The arguments may be
+  arrays or ShapeDtypeStructs (mma_jax.compile traces the same program without devices)."""
+  state_shardings = tree_shardings(state, mesh)
+  batch_shardings = jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), batch_example)
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
 def jit_train_step(step, state, mesh: Mesh | None, batch_example=None):
-  """jax.jit with explicit shardings (state per the rules table, batch over data/fsdp) and the
-  state donated; without a mesh a plain jit with donation."""
+  """The step as train.py runs it: sharded_train_step entered under its mesh; without a mesh a
+  plain jit with donation."""
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
-  state_shardings = tree_shardings(state, mesh)
-  batch_shardings = (None if batch_example is None else
-                     jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), batch_example))
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+  if batch_example is None:
+    raise ValueError("jit_train_step under a mesh needs a batch example for the shardings")
+  jitted = sharded_train_step(step, state, mesh, batch_example)
 
   def run(state, batch):
     with jax.set_mesh(mesh):

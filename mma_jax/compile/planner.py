@@ -20,7 +20,8 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as
 
 from mma_jax.config import Config, ConfigError, load_config
 from mma_jax.models import build_model
-from mma_jax.sharding import MESH_AXES, logical_to_spec, mesh_shape
+from mma_jax.sharding import MESH_AXES, logical_to_spec, mesh_shape, mesh_text, param_shapes
+from mma_jax.train.state import trainable_filter
 
 USAGE = "usage: python -m mma_jax.sharding describe CONFIG.yaml [--devices N] [section.key=value ...]"
 ADAM_MOMENTS = 2  # mu and nu, each shaped, typed and sharded like its parameter (optax's default)
@@ -50,21 +51,21 @@ class ParamPlan:
 
 
 def mesh_sizes(config: Config, devices: int | None) -> dict[str, int]:
-  """Axis sizes from the config alone; a -1 axis needs the device count to resolve."""
-  given = {name: getattr(config.mesh, name) for name in MESH_AXES}
+  """Axis sizes from the config alone (fsdp split for the model's weights as a run splits it);
+  a -1 axis needs the device count to resolve."""
+  given = {name: getattr(config.mesh, name) for name in ("data", "fsdp", "tensor")}
   if devices is None:
     fill = [name for name, size in given.items() if size == -1]
     if fill:
       raise ConfigError(f"config key 'mesh.{fill[0]}' is -1 (the remaining devices): give "
                         f"--devices N, or set every mesh axis, to plan without devices")
     devices = math.prod(given.values())
-  return mesh_shape(config.mesh, devices)
+  abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
+  return mesh_shape(config.mesh, devices, param_shapes(nnx.state(abstract)))
 
 
 def plan(config: Config, sizes: dict[str, int]) -> list[ParamPlan]:
   """One ParamPlan per variable of the model, from abstract shapes only."""
-  from mma_jax.train.state import trainable_filter  # train/ imports sharding: keep it lazy
-
   model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
   trainable = {path for path, _ in nnx.to_flat_state(nnx.state(model, trainable_filter(config)))}
   mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
@@ -116,7 +117,7 @@ def report(config: Config, plans: list[ParamPlan], sizes: dict[str, int]) -> lis
   if m.kind == "mllm" and m.freeze_vision:
     parts.append("tower frozen")
   lines = [f"model: {m.kind} ({', '.join(parts)}), param_dtype {m.param_dtype}",
-           "mesh: " + " ".join(f"{a}={sizes[a]}" for a in MESH_AXES) + f" ({devices} devices)", ""]
+           f"mesh: {mesh_text(sizes)} ({devices} devices)", ""]
   lines += _table([("parameter", "shape", "logical axes", "spec", "per device", "")] + [
       (p.path, "x".join(map(str, p.shape)) or "()", _spec(P(*p.axes)), _spec(p.spec),
        _bytes(p.device_bytes), "" if p.trainable else "frozen") for p in plans])

@@ -1,0 +1,100 @@
+"""One deviceless compile and what it tells: mesh, timings, per-chip bytes, the planner beside it."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Callable, Sequence
+
+from mma_jax.compile.planner import plan
+from mma_jax.compile.programs import eval_shapes, trace_program
+from mma_jax.compile.topology import describe
+from mma_jax.config import ConfigError, load_config
+from mma_jax.models import model_mesh
+from mma_jax.sharding import mesh_text
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass
+class Report:
+  lines: list[str]
+  fits: bool
+  compiled: object       # jax.stages.Compiled (HLO text, cost and memory analysis)
+  per_chip_bytes: int
+
+
+def _gib(n: int) -> str:
+  return f"{n / GiB:.2f} GiB"
+
+
+def kernel_calls(hlo_text: str) -> dict[str, int]:
+  """How many times each flash kernel (fwd, dq, dkv) appears in a compiled HLO text."""
+  counts: dict[str, int] = {}
+  for line in hlo_text.splitlines():
+    if "tpu_custom_call" in line:
+      name = re.search(r"mma_flash_\w+", line)
+      key = name.group(0) if name else "other"
+      counts[key] = counts.get(key, 0) + 1
+  return counts
+
+
+def compile_report(config_path: str, overrides: Sequence[str] = (), *, topology: str,
+                   program: str = "train", prompt_length: int | None = None, images: int = 1,
+                   progress: Callable[[str], None] = lambda line: None) -> Report:
+  config = load_config(config_path, overrides)
+  tpu = describe(topology)
+  devices = tpu.devices()
+  try:
+    mesh = model_mesh(config, devices)
+  except ConfigError as e:
+    raise ConfigError(f"the mesh does not use the {tpu.chips} chips of {topology}: {e}") from None
+  progress(f"topology: {topology} = {tpu.generation.name}:{tpu.topology}, {tpu.chips} chips "
+           f"({devices[0].device_kind}), {_gib(tpu.hbm_bytes)} HBM per chip")
+  progress(f"mesh: {mesh_text(dict(mesh.shape))} ({mesh.size} chips)")
+  if program == "train":
+    t = config.train
+    progress(f"program: train step, global batch {t.batch_size} rows x {config.data.max_length} "
+             f"tokens, {config.data.images_per_row} image slots per row, grad_accum "
+             f"{t.grad_accum}, attention.impl={config.attention.impl}")
+  else:
+    s = eval_shapes(config, mesh, prompt_length=prompt_length, images=images)
+    progress(f"program: {program}, batch {s.batch} prompts x {s.prompt_length} tokens, "
+             f"{s.images} image(s) each, {s.max_new_tokens} new tokens, greedy")
+
+  start = time.perf_counter()
+  lowered = trace_program(config, mesh, program, prompt_length=prompt_length,
+                          images=images).lower()
+  traced_at = time.perf_counter()
+  compiled = lowered.compile()
+  done = time.perf_counter()
+  memory = compiled.memory_analysis()
+  arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
+  outputs, aliased = memory.output_size_in_bytes, memory.alias_size_in_bytes
+  per_chip = arguments + temporaries + outputs - aliased
+
+  plans = plan(config, dict(mesh.shape))
+  params = sum(p.device_bytes for p in plans)
+  planned = params + (sum(p.optimizer_bytes for p in plans) if program == "train" else 0)
+  what = "parameters + AdamW state" if program == "train" else "parameters"
+  calls = kernel_calls(compiled.as_text())
+  kernels = (", ".join(f"{k} x{n}" for k, n in sorted(calls.items())) if calls else
+             "none (attention runs in XLA)")
+  lines = [
+      f"compiled in {done - start:.1f} s (trace + lower {traced_at - start:.1f} s, "
+      f"XLA {done - traced_at:.1f} s)",
+      f"Mosaic kernels: {kernels}",
+      "per chip, from the compiled executable:",
+      f"  arguments    {arguments:>15,} B  {_gib(arguments)}",
+      f"  temporaries  {temporaries:>15,} B  {_gib(temporaries)}",
+      f"  outputs      {outputs:>15,} B  {_gib(outputs)}",
+      f"  aliased      {aliased:>15,} B  {_gib(aliased)}  (donated, counted once)",
+      f"planner (mma_jax.sharding describe): {what} {planned:,} B ({_gib(planned)}) vs "
+      f"compiled arguments {_gib(arguments)} ({arguments / max(planned, 1):.3f}x)",
+      f"HBM per chip: {_gib(tpu.hbm_bytes)}; this program {_gib(per_chip)} "
+      f"({per_chip / tpu.hbm_bytes:.0%})",
+      f"per_chip_bytes={per_chip}",
+      f"hbm_bytes={tpu.hbm_bytes}",
+      f"fits={'yes' if per_chip <= tpu.hbm_bytes else 'no'}",
+  ]
+  return Report(lines, per_chip <= tpu.hbm_bytes, compiled, per_chip)
