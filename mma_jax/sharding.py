@@ -145,19 +145,17 @@ def shard_shape(shape: Sequence[int], spec: P, sizes: Mapping[str, int]) -> tupl
 
 
 def constrain(x, axes: Sequence[str | None]):
-  """An activation pinned to its logical axes on the context mesh (jax.set_mesh); dims named
-  None stay free for the partitioner. Without a mesh of ours (plain jit, CPU tests): x itself.
+  """An array pinned to its logical axes on the context mesh (jax.set_mesh): dims the rules
+  shard are sharded, the rest replicated. Without a mesh of ours (plain jit, CPU tests), or
+  inside shard_map: x itself.
 
   The partitioner, left alone, may replicate a whole branch over the batch shards (SigLIP on
   every image of the global batch when its weights are FSDP-sharded): batch on (data, fsdp,
-  fsdp_transpose) at a branch's entry and in each layer keeps every device on its own rows.
-  A dim whose rule gives no mesh axis is left unconstrained, never forced replicated."""
+  fsdp_transpose) at a branch's entry and in each layer keeps every device on its own rows."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or "fsdp" not in mesh.axis_names or mesh.manual_axes:
     return x
-  spec = logical_to_spec(axes, x.shape, dict(mesh.shape))
-  return jax.lax.with_sharding_constraint(
-      x, P(*(P.UNCONSTRAINED if entry is None else entry for entry in spec)))
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, dict(mesh.shape)))
 
 
 def tree_shardings(tree, mesh: Mesh):

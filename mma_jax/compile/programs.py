@@ -26,7 +26,7 @@ from mma_jax.generate import (PROMPT_FIELDS, SamplingConfig, carry_shardings, co
 from mma_jax.models import build_model
 from mma_jax.sharding import BATCH, batch_sharding, tree_shardings
 from mma_jax.train.state import abstract_train_state
-from mma_jax.train.step import make_train_step, sharded_train_step
+from mma_jax.train.step import check_batch_split, make_train_step, sharded_train_step
 
 PROGRAMS = ("train", "prefill", "decode")
 STOP_SLOTS = 8   # controls_for pads the stop ids to a multiple of 8: one slot group compiles
@@ -62,6 +62,7 @@ def _replicated(tree, mesh: Mesh):
 
 
 def trace_train(config: Config, mesh: Mesh):
+  check_batch_split(config.train, mesh)
   graphdef, state, optimizer = abstract_train_state(config, mesh)
   batch = _abstract(batch_shapes(config, batch_size=config.train.batch_size), mesh)
   jitted = sharded_train_step(make_train_step(graphdef, optimizer, config.train), state, mesh,

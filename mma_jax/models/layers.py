@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mma_jax.sharding import constrain
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Axes = tuple[str | None, ...]
 
@@ -81,7 +83,11 @@ class Embed(nnx.Module):
                            ("vocab", "embed"), param_dtype)
 
   def __call__(self, tokens):
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    # Gathered whole before the lookup, as FSDP gathers every weight before use: left free, the
+    # partitioner gathers the token ids of the global batch instead and looks them all up in
+    # each device's slice of the table.
+    table = constrain(self.embedding[...].astype(self.dtype), (None, None))
+    return jnp.take(table, tokens, axis=0)
 
   def attend(self, x):
     return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)

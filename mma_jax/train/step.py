@@ -8,10 +8,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mma_jax.config import TrainConfig
-from mma_jax.sharding import batch_sharding, tree_shardings
+from mma_jax.config import ConfigError, TrainConfig
+from mma_jax.sharding import batch_sharding, batch_shards, tree_shardings
 from mma_jax.train.loss import token_loss_sums
 from mma_jax.train.optimizer import learning_rate
+
+
+def check_batch_split(t: TrainConfig, mesh: Mesh) -> None:
+  """ConfigError unless each micro-batch's rows split evenly over the mesh's batch shards."""
+  shards = batch_shards(mesh)
+  if (t.batch_size // t.grad_accum) % shards:
+    raise ConfigError(f"config key 'train.batch_size': {t.batch_size} rows (/ grad_accum "
+                      f"{t.grad_accum}) do not split over data x fsdp = {shards} devices")
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, t: TrainConfig):
