@@ -112,6 +112,8 @@ def test_sharded_step_holds_local_rows_only():
       "model.connector.depth=1", "attention.impl=dense", "data.images_per_row=3",
       "data.max_length=256"])
   mesh = model_mesh(config, jax.devices()[:8])
-  hlo = trace_program(config, mesh, "train").lower().compile().as_text()
+  traced, batch = trace_program(config, mesh, "train")
+  assert batch["images"].shape == (8, 3, 384, 384, 3)
+  hlo = traced.lower().compile().as_text()
   assert _global_row_tensors(hlo, 8, 256, 24, (729, 144, 729 + 144)) == []
   assert _global_row_tensors(hlo, 1, 256, 3, (729, 144, 729 + 144))   # the local rows are there

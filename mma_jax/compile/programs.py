@@ -68,7 +68,7 @@ def trace_train(config: Config, mesh: Mesh):
   jitted = sharded_train_step(make_train_step(graphdef, optimizer, config.train), state, mesh,
                               batch)
   with jax.set_mesh(mesh):
-    return jitted.trace(state, batch)
+    return jitted.trace(state, batch), batch
 
 
 def _eval_arguments(config: Config, mesh: Mesh, shapes: EvalShapes):
@@ -93,9 +93,10 @@ def trace_prefill(config: Config, mesh: Mesh, shapes: EvalShapes):
   graphdef, state, batch, rng, controls = _eval_arguments(config, mesh, shapes)
   prefill, _ = jit_programs(graphdef, mesh)
   with jax.set_mesh(mesh):
-    return prefill.trace(state, batch, rng, controls,
-                         cache_length=shapes.prompt_length + shapes.max_new_tokens,
-                         max_new_tokens=shapes.max_new_tokens, greedy=True)
+    traced = prefill.trace(state, batch, rng, controls,
+                           cache_length=shapes.prompt_length + shapes.max_new_tokens,
+                           max_new_tokens=shapes.max_new_tokens, greedy=True)
+  return traced, (batch, rng, controls)
 
 
 def trace_decode(config: Config, mesh: Mesh, shapes: EvalShapes):
@@ -109,12 +110,13 @@ def trace_decode(config: Config, mesh: Mesh, shapes: EvalShapes):
     carry = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          carry, carry_shardings(carry, mesh))
     until = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-    return decode.trace(state, carry, until, controls, greedy=True)
+    return decode.trace(state, carry, until, controls, greedy=True), (carry, until, controls)
 
 
 def trace_program(config: Config, mesh: Mesh, program: str, *, prompt_length: int | None = None,
                   images: int = 1):
-  """The traced program (jax.stages.Traced) `program` of PROGRAMS on `mesh`."""
+  """(traced program (jax.stages.Traced) `program` of PROGRAMS on `mesh`, its inputs besides
+  the model state: the batch, or the decode loop's state, as sharded ShapeDtypeStructs)."""
   if program == "train":
     return trace_train(config, mesh)
   shapes = eval_shapes(config, mesh, prompt_length=prompt_length, images=images)

@@ -12,6 +12,7 @@ from mma_jax.compile.topology import describe
 from mma_jax.config import ConfigError, load_config
 from mma_jax.models import model_mesh
 from mma_jax.sharding import mesh_text
+from mma_jax.train.state import per_device_bytes
 
 GiB = 2 ** 30
 
@@ -63,8 +64,9 @@ def compile_report(config_path: str, overrides: Sequence[str] = (), *, topology:
              f"{s.images} image(s) each, {s.max_new_tokens} new tokens, greedy")
 
   start = time.perf_counter()
-  lowered = trace_program(config, mesh, program, prompt_length=prompt_length,
-                          images=images).lower()
+  traced, inputs = trace_program(config, mesh, program, prompt_length=prompt_length,
+                                 images=images)
+  lowered = traced.lower()
   traced_at = time.perf_counter()
   compiled = lowered.compile()
   done = time.perf_counter()
@@ -72,6 +74,7 @@ def compile_report(config_path: str, overrides: Sequence[str] = (), *, topology:
   arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
   outputs, aliased = memory.output_size_in_bytes, memory.alias_size_in_bytes
   per_chip = arguments + temporaries + outputs - aliased
+  input_bytes = per_device_bytes(inputs)   # the batch (images!) or the decode state
 
   plans = plan(config, dict(mesh.shape))
   params = sum(p.device_bytes for p in plans)
@@ -89,8 +92,10 @@ def compile_report(config_path: str, overrides: Sequence[str] = (), *, topology:
       f"  temporaries  {temporaries:>15,} B  {_gib(temporaries)}",
       f"  outputs      {outputs:>15,} B  {_gib(outputs)}",
       f"  aliased      {aliased:>15,} B  {_gib(aliased)}  (donated, counted once)",
-      f"planner (mma_jax.sharding describe): {what} {planned:,} B ({_gib(planned)}) vs "
-      f"compiled arguments {_gib(arguments)} ({arguments / max(planned, 1):.3f}x)",
+      f"planner (mma_jax.sharding describe): {what} {planned:,} B ({_gib(planned)}); "
+      f"compiled arguments {arguments / max(planned, 1):.3f}x that, of which inputs besides the "
+      f"model state (batch or decode state) {input_bytes:,} B: the rest "
+      f"{(arguments - input_bytes) / max(planned, 1):.3f}x (TPU tiles pad small dims)",
       f"HBM per chip: {_gib(tpu.hbm_bytes)}; this program {_gib(per_chip)} "
       f"({per_chip / tpu.hbm_bytes:.0%})",
       f"per_chip_bytes={per_chip}",
