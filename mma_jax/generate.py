@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -35,7 +34,7 @@ from mma_jax.data.packing import example_fields, merge_row
 from mma_jax.layout import ChatLayout, Conversation, Example
 from mma_jax.models.layers import unstack
 from mma_jax.models.mllm import MultimodalDecoder
-from mma_jax.sharding import BATCH, batch_sharding, logical_to_spec, tree_shardings
+from mma_jax.sharding import batch_sharding, batch_shards, logical_to_spec, tree_shardings
 from mma_jax.templates import ChatTemplate
 from mma_jax.train.loss import answer_positions
 
@@ -220,7 +219,7 @@ class Generator:
     self.image_size, self.image_norm = image_size, image_norm
     self.length_multiple = length_multiple
     self.stop_token_ids = default_stop_token_ids(layout, _decoder(model).cfg.eos_token_ids)
-    self.batch_shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH)
+    self.batch_shards = batch_shards(mesh)
     # The answer template's tail (the end-of-answer token) is not part of an option's text.
     tail = layout.template.answer.split("{answer}")[1]
     self._answer_tail_tokens = len(tokenizer(tail, add_special_tokens=False)["input_ids"]

@@ -173,7 +173,7 @@ def compute(loaded, pixels: np.ndarray, question: str, *, answer: str | None, la
   from mma_jax.data.tokenizer import load_tokenizer
   from mma_jax.generate import PROMPT_FIELDS, Generator, SamplingConfig
   from mma_jax.layout import ChatLayout, Conversation
-  from mma_jax.sharding import BATCH, batch_sharding
+  from mma_jax.sharding import batch_sharding, batch_shards
   from mma_jax.templates import IMAGE_TOKEN
   from mma_jax.train.loop import image_tokens
 
@@ -225,7 +225,7 @@ def compute(loaded, pixels: np.ndarray, question: str, *, answer: str | None, la
             "segment_ids": np.ones(r, np.int32), "window_lo": np.zeros(r, np.int32),
             "window_hi": np.zeros(r, np.int32), "image_token_index": np.full(r, -1, np.int32)}
   row = {name: np.concatenate([v, extend[name]]) for name, v in row.items()}
-  shards = int(np.prod([loaded.mesh.shape[a] for a in BATCH]))
+  shards = batch_shards(loaded.mesh)
   batch = {name: np.repeat(v[None], shards, axis=0) for name, v in row.items()}
   batch["images"] = np.repeat(images[None], shards, axis=0)                # [B, 1, S, S, 3]
   batch = {name: jax.device_put(v, batch_sharding(loaded.mesh, v.ndim))

@@ -11,7 +11,6 @@ batch rounded up to the batch shards, a left-padded prompt of `prompt_length` to
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ from mma_jax.data.pipeline import batch_shapes
 from mma_jax.generate import (PROMPT_FIELDS, SamplingConfig, carry_shardings, controls_for,
                               jit_programs, round_up)
 from mma_jax.models import build_model
-from mma_jax.sharding import BATCH, batch_sharding, tree_shardings
+from mma_jax.sharding import batch_sharding, batch_shards, tree_shardings
 from mma_jax.train.state import abstract_train_state
 from mma_jax.train.step import check_batch_split, make_train_step, sharded_train_step
 
@@ -44,7 +43,7 @@ def eval_shapes(config: Config, mesh: Mesh, *, prompt_length: int | None = None,
                 images: int = 1) -> EvalShapes:
   """eval.py's shapes for the config: eval.batch_size rounded up to the batch shards (as the
   Generator pads), the prompt bucketed to 64 (default: data.max_length), eval.max_new_tokens."""
-  shards = math.prod(mesh.shape[a] for a in BATCH)
+  shards = batch_shards(mesh)
   length = prompt_length or config.data.max_length
   return EvalShapes(batch=round_up(config.eval.batch_size, shards),
                     prompt_length=round_up(length, 64), images=images,
