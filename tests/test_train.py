@@ -1,21 +1,26 @@
 """Training: exact resume (SIGTERM and SIGKILL), accumulation, frozen tower, mesh change on
-restore, NaN stop, corrupt-checkpoint fallback, and a short demo run."""
+restore, NaN stop, corrupt-checkpoint fallback, a loop that does not wait for the device between
+log steps, profiling, and a short demo run."""
+import contextlib
 import dataclasses
 import json
 import shutil
 import pathlib
+import re
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mma_jax.config import load_config, to_yaml
+from mma_jax.config import ConfigError, load_config, to_yaml
 from mma_jax.sharding import make_mesh
+from mma_jax.train import loop
 from mma_jax.train.checkpoint import RunCheckpoints
 from mma_jax.train.loop import Run, TrainingError
 from mma_jax.train.state import init_train_state
@@ -141,6 +146,113 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(easy_vqa_dir, tmp_pat
                                           r"good checkpoint \(step 2\) is kept"):
     train(poisoned)
   assert RunCheckpoints(tmp_path / "run", every=2, keep=3).latest_step() == 2
+
+
+@contextlib.contextmanager
+def no_device_reads():
+  """jax.transfer_guard_device_to_host("disallow"), which raises on a read of a device array on
+  GPU/TPU. On CPU it never fires (arrays are read in place, no transfer happens: float(x),
+  np.asarray(x) pass under it), so there the ways a jax.Array reaches the host are refused too:
+  ArrayImpl._value (float, int, bool, str, tolist, jax.device_get) and np.asarray / np.array
+  (numpy reads CPU arrays through the buffer protocol). Waiting (block_until_ready) is refused on
+  every platform: the guard does not cover it."""
+
+  def refuse(what):
+    def raise_(*args, **kwargs):
+      raise RuntimeError(f"Disallowed device-to-host {what} (no_device_reads)")
+    return raise_
+
+  def numpy_without_jax(fn):
+    def read(a, *args, **kwargs):
+      if isinstance(a, jax.Array):
+        refuse(f"read np.{fn.__name__}(jax.Array)")()
+      return fn(a, *args, **kwargs)
+    return read
+
+  array_type = type(jnp.zeros(()))
+  with pytest.MonkeyPatch.context() as patch, jax.transfer_guard_device_to_host("disallow"):
+    patch.setattr(array_type, "block_until_ready", refuse("wait (block_until_ready)"))
+    patch.setattr(jax, "block_until_ready", refuse("wait (jax.block_until_ready)"))
+    if jax.default_backend() == "cpu":
+      patch.setattr(array_type, "_value", property(refuse("read (jax.Array._value)")))
+      patch.setattr(np, "asarray", numpy_without_jax(np.asarray))
+      patch.setattr(np, "array", numpy_without_jax(np.array))
+    yield
+
+
+@pytest.fixture(scope="module")
+def async_run(easy_vqa_dir, tmp_path_factory):
+  """One 8-step run (log and checkpoint every 4 steps, a trace of steps 2..3) whose step 6 has a
+  NaN loss (the loss output only: steps 7 and 8 are finite), with every step's host work
+  (Run._advance) under no_device_reads. Shared by the tests below: a run costs its compiles."""
+  run_dir = tmp_path_factory.mktemp("async") / "run"
+  config = run_config(easy_vqa_dir, run_dir, "train.steps=8", "train.log_every=4",
+                      "checkpoint.every=4", "train.profile_steps=[2,3]")
+  seen = types.SimpleNamespace(run_dir=run_dir, advanced=[], checked=[], refused=[], error=None)
+  advance, check, make_step = Run._advance, Run._check, loop.make_train_step
+
+  def guarded_advance(self, step, state, iterator):
+    with no_device_reads():
+      state, out, tokens = advance(self, step, state, iterator)
+      if not seen.refused:  # the guard is live where the step's host work runs
+        for read in (lambda: float(out["loss"]), lambda: np.asarray(out["loss"]),
+                     lambda: jax.block_until_ready(out)):
+          with pytest.raises(Exception, match=r"(?i)disallowed device-to-host") as e:
+            read()
+          seen.refused.append(str(e.value).splitlines()[0])
+    seen.advanced.append(step)
+    return state, out, tokens
+
+  def recording_check(self, pending):
+    seen.checked.append([step for step, _ in pending])
+    return check(self, pending)
+
+  def poisoned_step(graphdef, optimizer, t):
+    step = make_step(graphdef, optimizer, t)
+
+    def run(state, batch):
+      new_state, out = step(state, batch)
+      return new_state, dict(out, loss=jnp.where(state["step"] == 5, jnp.nan, out["loss"]))
+
+    return run
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(Run, "_advance", guarded_advance)
+    patch.setattr(Run, "_check", recording_check)
+    patch.setattr(loop, "make_train_step", poisoned_step)
+    try:
+      train(config)
+    except TrainingError as e:
+      seen.error = e
+  return seen
+
+
+def test_steps_between_log_steps_neither_read_nor_wait_for_the_device(async_run):
+  assert len(async_run.refused) == 3, async_run.refused  # float, np.asarray, block_until_ready
+  assert async_run.advanced == list(range(1, 9))          # every step's host work ran guarded
+  # outputs are read only at boundaries: the end of the trace (3), log + checkpoint steps (4, 8)
+  assert async_run.checked == [[1, 2, 3], [4], [5, 6, 7, 8]]
+
+
+def test_nan_between_log_steps_names_its_step_and_keeps_the_last_good_checkpoint(async_run):
+  assert async_run.error is not None
+  assert re.search(r"loss is nan at step 6; stopping\. The last good checkpoint \(step 4\) is "
+                   r"kept", str(async_run.error)), str(async_run.error)
+  # steps 7 and 8 were finite, but the state at 8 came after step 6: not saved
+  assert RunCheckpoints(async_run.run_dir, every=4, keep=3).manager.all_steps() == [4]
+
+
+def test_profile_steps_write_a_trace(async_run):
+  traces = list((async_run.run_dir / "profile").rglob("*.xplane.pb"))
+  assert traces and all(t.stat().st_size > 0 for t in traces)
+
+
+def test_profile_steps_must_be_first_and_last(tmp_path):
+  for steps in ("[3,2]", "[0,2]", "[2]", "[1,2,3]"):
+    with pytest.raises(ConfigError, match=r"'train\.profile_steps'"):
+      run_config(tmp_path, tmp_path, f"train.profile_steps={steps}")
+  assert run_config(tmp_path, tmp_path, "train.profile_steps=[2,2]").train.profile_steps == [2, 2]
+  assert run_config(tmp_path, tmp_path).train.profile_steps == []
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(easy_vqa_dir, tmp_path, caplog):

@@ -5,6 +5,14 @@
 Resumes from the newest readable checkpoint in run_dir (state, data position, step); SIGTERM
 saves at the next step boundary and returns; a NaN/Inf loss stops with TrainingError and leaves
 the last good checkpoint in place.
+
+The host never waits for the device between log steps: a step's host work (`Run._advance`: the
+next batch, its global arrays, the step dispatched) reads nothing back, so the next batch is loaded
+while the device computes. The steps' outputs stay pending on the device and are checked (NaN/Inf
+loss, loss_overflow) at the next boundary: a log, eval or checkpoint step, the last step, a
+preemption or the end of train.profile_steps. Every pending step is checked before a checkpoint is
+saved, so a checkpoint never holds a state that came after a non-finite step, and the error names
+the first such step.
 """
 from __future__ import annotations
 
@@ -18,18 +26,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mma_jax.config import Config, ConfigError, LLMConfig, to_yaml
+from mma_jax.config import Config, LLMConfig, to_yaml
 from mma_jax.convert.store import load_model
 from mma_jax.convert.transfer import build_with_params
-from mma_jax.models import build_model
+from mma_jax.models import build_model, model_mesh
 from mma_jax.models.connector import tokens_per_image
-from mma_jax.sharding import (create_sharded, global_batch, is_main_process, make_mesh,
-                              tree_shardings)
+from mma_jax.sharding import create_sharded, global_batch, is_main_process, tree_shardings
 from mma_jax.train.checkpoint import RunCheckpoints
 from mma_jax.train.loss import token_loss_sums
 from mma_jax.train.metrics import RunMetrics, train_flops_per_token
 from mma_jax.train.state import init_train_state
-from mma_jax.train.step import jit_train_step, make_train_step
+from mma_jax.train.step import check_batch_split, jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +93,39 @@ def image_tokens(config: Config) -> int:
   return tokens_per_image(m.connector, m.vision) if m.kind == "mllm" else 1
 
 
+class _Profile:
+  """train.profile_steps = [a, b]: a jax.profiler trace (TensorBoard / XProf) of steps a..b in
+  `directory`, started before step a's host work and stopped once step b's outputs are ready.
+  A resumed run past a traces nothing before its first step; one past b traces nothing."""
+
+  def __init__(self, directory: pathlib.Path, steps):
+    self.directory = directory
+    self.first, self.last = steps if steps else (0, -1)
+    self.active = False
+
+  def before(self, step: int, pending) -> None:
+    if self.active or not self.first <= step <= self.last:
+      return
+    if pending:   # the trace holds steps a..b only: let the step in flight finish first
+      jax.block_until_ready(pending[-1][1])
+    log.info("profiling steps %d..%d into %s", step, self.last, self.directory)
+    jax.profiler.start_trace(str(self.directory))
+    self.active = True
+
+  def ends(self, step: int) -> bool:
+    return self.active and step >= self.last
+
+  def after(self, step: int, out) -> None:
+    if self.ends(step):
+      jax.block_until_ready(out)
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
+
+
 class Run:
   def __init__(self, config: Config, run_dir: str | pathlib.Path, *, pipeline=None,
                eval_pipeline=None):
@@ -94,12 +134,8 @@ class Run:
     from mma_jax.data.pipeline import DataPipeline
 
     self.config, self.run_dir = config, pathlib.Path(run_dir)
-    self.mesh = make_mesh(config.mesh)
-    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if (config.train.batch_size // config.train.grad_accum) % shards:
-      raise ConfigError(f"config key 'train.batch_size': {config.train.batch_size} rows "
-                        f"(/ grad_accum {config.train.grad_accum}) do not split over "
-                        f"data x fsdp = {shards} devices")
+    self.mesh = model_mesh(config)
+    check_batch_split(config.train, self.mesh)
     self.pipeline = pipeline or DataPipeline.from_config(
         config, split=config.data.train_split, num_image_tokens=image_tokens(config))
     self._eval_pipeline = eval_pipeline
@@ -137,43 +173,73 @@ class Run:
                          flops_per_token=train_flops_per_token(
                              count_params(state["params"]), llm.num_layers, llm.hidden_size,
                              config.data.max_length))
-    step_fn = None
+    self._optimizer, self._step_fn = optimizer, None
+    profile = _Profile(self.run_dir / "profile", t.profile_steps)
     preemption = Preemption()
-    last = {}
+    last, pending = {}, []   # pending: (step, outputs on the device) not yet checked
     try:
       for step in range(start + 1, t.steps + 1):
-        local = next(iterator)
-        batch = global_batch(local, self.mesh)
-        if step_fn is None:
-          step_fn = jit_train_step(make_train_step(graphdef, optimizer, t), state, self.mesh,
-                                   batch)
-        state, out = step_fn(state, batch)
-        loss = float(out["loss"])
-        if not math.isfinite(loss):
-          self.checkpoints.wait()
-          raise TrainingError(
-              f"loss is {loss} at step {step}; stopping. The last good checkpoint (step "
-              f"{self.checkpoints.latest_step()}) is kept in {self.checkpoints.directory}")
-        if int(out["loss_overflow"]):
-          raise TrainingError(f"train.loss_positions={t.loss_positions} is smaller than the "
-                              f"answer tokens of a row at step {step}; raise it")
-        metrics.step(step, float(np.sum(local["segment_ids"] > 0)))
-        if step % t.log_every == 0 or step == t.steps:
-          last = metrics.log(step, {k: float(v) for k, v in out.items()}
+        profile.before(step, pending)
+        state, out, tokens = self._advance(step, state, iterator)
+        pending.append((step, out))
+        metrics.step(step, tokens)
+        preempted = preemption.requested
+        log_now = step % t.log_every == 0 or step == t.steps
+        eval_now = bool(t.eval_every) and step % t.eval_every == 0
+        save_now = self.checkpoints.due(step) or step == t.steps or preempted
+        if not (log_now or eval_now or save_now or profile.ends(step)):
+          continue
+        self._check(pending)   # waits for this step; the earlier ones are finished by then
+        pending = []
+        metrics.completed(step)
+        profile.after(step, out)
+        if log_now:
+          last = metrics.log(step, {k: float(v) for k, v in jax.device_get(out).items()}
                              | self._data_counts(iterator))
-        if t.eval_every and step % t.eval_every == 0:
+        if eval_now:
           metrics.log(step, {"eval_loss": self.eval_loss(state)})
-        if self.checkpoints.due(step) or step == t.steps or preemption.requested:
+        if save_now:
           self.checkpoints.save(step, state, iterator.get_state(), config)
-        if preemption.requested:
+        if preempted:
           log.warning("preempted: saved step %d, exiting", step)
           break
     finally:
+      profile.stop()
       preemption.restore()
       self.checkpoints.wait()
       metrics.close()
     self.state = state
     return graphdef, state, last
+
+  def _advance(self, step: int, state, iterator):
+    """One step's host work, which reads nothing back from the device (so never waits for it):
+    the next batch, its global arrays, the step dispatched (compiled on the first call).
+    Returns (state, the step's outputs as device arrays, the batch's tokens)."""
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      local = next(iterator)
+      batch = global_batch(local, self.mesh)
+      if self._step_fn is None:
+        self._step_fn = jit_train_step(
+            make_train_step(self.graphdef, self._optimizer, self.config.train), state,
+            self.mesh, batch)
+      state, out = self._step_fn(state, batch)
+    return state, out, float(np.sum(local["segment_ids"] > 0))
+
+  def _check(self, pending) -> None:
+    """Reads the pending steps' loss and loss_overflow (one transfer) and stops at the first step
+    with a non-finite loss or an overflow, in step order."""
+    t = self.config.train
+    values = jax.device_get([(out["loss"], out["loss_overflow"]) for _, out in pending])
+    for (step, _), (loss, overflow) in zip(pending, values):
+      loss = float(loss)
+      if not math.isfinite(loss):
+        self.checkpoints.wait()
+        raise TrainingError(
+            f"loss is {loss} at step {step}; stopping. The last good checkpoint (step "
+            f"{self.checkpoints.latest_step()}) is kept in {self.checkpoints.directory}")
+      if int(overflow):
+        raise TrainingError(f"train.loss_positions={t.loss_positions} is smaller than the "
+                            f"answer tokens of a row at step {step}; raise it")
 
   @staticmethod
   def _data_counts(iterator) -> dict:

@@ -33,6 +33,7 @@ class RunMetrics:
     self.flops_per_token = flops_per_token
     self.peak = device_peak_flops()
     self._last_time, self._last_step = time.perf_counter(), start_step
+    self._bar_step = start_step
     self._tokens = 0.0
     if self.enabled:
       run_dir.mkdir(parents=True, exist_ok=True)
@@ -42,12 +43,21 @@ class RunMetrics:
                       dynamic_ncols=True)
 
   def step(self, step: int, tokens: float) -> None:
+    """A step dispatched (the loop does not wait for it): its tokens count in the next log."""
     self._tokens += tokens
+
+  def completed(self, step: int) -> None:
+    """Steps up to `step` have finished on the device: the progress bar moves to it. (Dispatch
+    runs ahead of the device between log steps, so a bar moved per dispatch would show the
+    dispatch rate, not the training rate.)"""
     if self.enabled:
-      self.bar.update(1)
+      self.bar.update(step - self._bar_step)
+    self._bar_step = step
 
   def log(self, step: int, values: dict) -> dict:
-    """Adds throughput (tokens/s, MFU) since the last log, writes everything, returns it."""
+    """Adds throughput (tokens/s, MFU) since the last log, writes everything, returns it. The
+    rates are per log interval: call it once `step` has finished on the device (the loop has
+    read its outputs), so the interval runs from one finished step to another."""
     now = time.perf_counter()
     elapsed = max(now - self._last_time, 1e-9)
     values = dict(values, tokens_per_s=self._tokens / elapsed,
