@@ -4,7 +4,8 @@
 
 prints, for every parameter, its shape, logical axes, PartitionSpec and the bytes one device holds,
 subtotals per top-level module, and the per-device estimate: parameters + optimizer state (AdamW's
-mu and nu for every trainable parameter, sharded like it). The last line is `per_device_bytes=<int>`.
+mu and nu for every trainable parameter, sharded like it) + the train step's batch rows the device
+receives (the batch contract; images dominate). The last line is `per_device_bytes=<int>`.
 Everything is abstract (nnx.eval_shape, an AbstractMesh): `mesh.fsdp=256` plans on a laptop.
 """
 from __future__ import annotations
@@ -19,8 +20,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
 from mma_jax.config import Config, ConfigError, load_config
+from mma_jax.data.pipeline import batch_shapes
 from mma_jax.models import build_model
-from mma_jax.sharding import MESH_AXES, logical_to_spec, mesh_shape, mesh_text, param_shapes
+from mma_jax.sharding import BATCH, MESH_AXES, logical_to_spec, mesh_shape, mesh_text, param_shapes
 from mma_jax.train.state import trainable_filter
 
 USAGE = "usage: python -m mma_jax.sharding describe CONFIG.yaml [--devices N] [section.key=value ...]"
@@ -83,6 +85,15 @@ def plan(config: Config, sizes: dict[str, int]) -> list[ParamPlan]:
   return plans
 
 
+def batch_bytes(config: Config, sizes: dict[str, int]) -> int:
+  """Bytes of the train step's global batch that one device holds: its rows of every batch-contract
+  field (the batch splits over the BATCH axes; a batch smaller than them still puts a row here)."""
+  shards = math.prod(sizes.get(a, 1) for a in BATCH)
+  rows = -(-config.train.batch_size // shards)
+  return sum(math.prod(shape[1:]) * rows * dtype.itemsize
+             for shape, dtype in batch_shapes(config, batch_size=1).values())
+
+
 # ------------------------------------------------------------------------------------- printing
 def _bytes(n: int) -> str:
   for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
@@ -136,11 +147,12 @@ def report(config: Config, plans: list[ParamPlan], sizes: dict[str, int]) -> lis
   params = sum(p.device_bytes for p in plans)
   optimizer = sum(p.optimizer_bytes for p in plans)
   grads = sum(p.device_bytes for p in plans if p.trainable)
-  total = params + optimizer
+  batch = batch_bytes(config, sizes)
+  total = params + optimizer + batch
   lines += ["",
             f"per device: parameters {params:,} B + optimizer state {optimizer:,} B "
             f"(AdamW mu and nu of the trainable parameters, in the parameter dtype) "
-            f"= {total:,} B ({_bytes(total)})",
+            f"+ its rows of the train batch {batch:,} B = {total:,} B ({_bytes(total)})",
             f"not included: gradients during a step (+{_bytes(grads)} per device), activations, "
             f"XLA temporaries, optimizer step counters (a few bytes)",
             f"per_device_bytes={total}"]

@@ -6,7 +6,7 @@ import re
 import time
 from typing import Callable, Sequence
 
-from mma_jax.compile.planner import plan
+from mma_jax.compile.planner import batch_bytes, plan
 from mma_jax.compile.programs import eval_shapes, trace_program
 from mma_jax.compile.topology import describe
 from mma_jax.config import ConfigError, load_config
@@ -74,12 +74,15 @@ def compile_report(config_path: str, overrides: Sequence[str] = (), *, topology:
   arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
   outputs, aliased = memory.output_size_in_bytes, memory.alias_size_in_bytes
   per_chip = arguments + temporaries + outputs - aliased
-  input_bytes = per_device_bytes(inputs)   # the batch (images!) or the decode state
 
-  plans = plan(config, dict(mesh.shape))
-  params = sum(p.device_bytes for p in plans)
-  planned = params + (sum(p.optimizer_bytes for p in plans) if program == "train" else 0)
-  what = "parameters + AdamW state" if program == "train" else "parameters"
+  sizes = dict(mesh.shape)
+  plans = plan(config, sizes)
+  planned = sum(p.device_bytes for p in plans)
+  if program == "train":   # the planner's whole figure: what `describe` ends with
+    planned += sum(p.optimizer_bytes for p in plans) + batch_bytes(config, sizes)
+    compared, what = arguments, "parameters + AdamW state + batch rows"
+  else:   # the planner knows the parameters only: leave the prompt batch / decode state out
+    compared, what = arguments - per_device_bytes(inputs), "parameters"
   calls = kernel_calls(compiled.as_text())
   kernels = (", ".join(f"{k} x{n}" for k, n in sorted(calls.items())) if calls else
              "none (attention runs in XLA)")
@@ -92,10 +95,9 @@ def compile_report(config_path: str, overrides: Sequence[str] = (), *, topology:
       f"  temporaries  {temporaries:>15,} B  {_gib(temporaries)}",
       f"  outputs      {outputs:>15,} B  {_gib(outputs)}",
       f"  aliased      {aliased:>15,} B  {_gib(aliased)}  (donated, counted once)",
-      f"planner (mma_jax.sharding describe): {what} {planned:,} B ({_gib(planned)}); "
-      f"compiled arguments {arguments / max(planned, 1):.3f}x that, of which inputs besides the "
-      f"model state (batch or decode state) {input_bytes:,} B: the rest "
-      f"{(arguments - input_bytes) / max(planned, 1):.3f}x (TPU tiles pad small dims)",
+      f"planner (mma_jax.sharding describe): {what} {planned:,} B ({_gib(planned)}); the "
+      f"compiled {'arguments' if program == 'train' else 'parameter arguments'} "
+      f"{compared / max(planned, 1):.3f}x that (TPU tiles pad small dims)",
       f"HBM per chip: {_gib(tpu.hbm_bytes)}; this program {_gib(per_chip)} "
       f"({per_chip / tpu.hbm_bytes:.0%})",
       f"per_chip_bytes={per_chip}",
