@@ -28,7 +28,6 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from mma_jax.data.builder_utils import prepare  # noqa: E402

@@ -14,7 +14,7 @@ from hf_models import save_tiny_llm
 from mma_jax.convert import operations
 from mma_jax.convert.llm import HF_LLM
 from mma_jax.convert.__main__ import main as convert_main
-from mma_jax.convert.safetensors_io import CheckpointError, HFCheckpoint, write_safetensors
+from mma_jax.convert.safetensors_io import HFCheckpoint, write_safetensors
 from mma_jax.convert import store
 from mma_jax.convert.store import load_model
 

@@ -1,6 +1,5 @@
 """The llava format: verify with images, export back to transformers, both key layouts."""
 import numpy as np
-import pytest
 import torch
 import transformers
 from safetensors.torch import save_file

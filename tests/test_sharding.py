@@ -3,13 +3,12 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from mma_jax.config import Config, ConfigError, MeshConfig, TrainConfig
-from mma_jax.sharding import (create_sharded, global_batch, logical_to_spec, make_mesh,
+from mma_jax.sharding import (global_batch, logical_to_spec, make_mesh,
                               mesh_shape)
 from mma_jax.train.state import init_train_state, per_device_bytes
 from mma_jax.train.step import jit_train_step, make_train_step

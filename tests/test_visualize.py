@@ -5,7 +5,6 @@ the masses it prints (image -> question is 0 under causal, positive under MMA); 
 checkpoint, with the bundled GPT-2 BPE."""
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

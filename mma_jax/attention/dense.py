@@ -1,7 +1,6 @@
 """XLA reference attention: the dense mask, f32 softmax, GQA. Runs everywhere (CPU tests, decode)."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from mma_jax.attention.mask import materialize
