@@ -76,7 +76,7 @@ def bench_config(size: str, batch: int) -> Config:
   initial = llm["vocab_size"] - ADDED
   config = Config(
       model=ModelConfig(
-          llm=LLMConfig(family="phi3", max_position_embeddings=4096, **llm),
+          llm=LLMConfig(family="phi3", max_position_embeddings=4096, head_bias=True, **llm),
           vision=VisionConfig(family="siglip", **vision),
           connector=ConnectorConfig(type="perceiver", **connector),
           freeze_vision=True,

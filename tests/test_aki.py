@@ -1,9 +1,13 @@
 """The `aki` format: a tiny AKI-format checkpoint (SigLIP + Perceiver + Phi-3 under the official key
-names, decoupled embedding and head, every parameter random) against the PyTorch reference of the
-official forward and MMA rule; verify through the CLI; import -> export -> re-import; base configs
-from the HF cache or a clear error."""
+names, decoupled embedding and head with its biases, every parameter random) against the PyTorch
+reference of the official forward and MMA rule; verify through the CLI; import -> export ->
+re-import; base configs from the HF cache or a clear error; the LM-head bias in the model (tied and
+untied, never decayed) and its refusal by the HF LLM format. The official code's own checkpoint:
+test_aki_official.py."""
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -11,15 +15,19 @@ import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from hf_models import tiny_llm_config
+from hf_models import save_tiny_llm, tiny_llm_config
+from mma_jax.config import ConfigError, LLMConfig, TrainConfig
 from mma_jax.convert import operations
 from mma_jax.convert.__main__ import main as convert_main
 from mma_jax.convert.aki import (AKI, load_reference, our_logits, prompt_batch,
                                  reference_logits)
+from mma_jax.convert.llm import HF_LLM
 from mma_jax.convert.safetensors_io import CheckpointError, HFCheckpoint
 from mma_jax.convert.torch_reference import AKIReference, mma_keep_mask, randomize_
 from mma_jax.convert.transfer import build_with_params
 from mma_jax.models import build_model
+from mma_jax.models.llm import DecoderLLM
+from mma_jax.train.optimizer import make_optimizer
 
 BASE_VOCAB, INITIAL = 96, 90   # base rows [90, 96) are dead; 90 = <image>, 91 = <|endofchunk|>
 LATENTS, SEQ_LEN = 6, 40       # 40 > original_max_position_embeddings (32): longrope's long factors
@@ -82,6 +90,10 @@ def test_config_and_key_map(aki):
                                 tensors["lang_model.lm_head.weight"][:INITIAL].T)
   np.testing.assert_array_equal(head[:, INITIAL:],
                                 tensors["lang_model.lm_head.additional_fc.weight"].T)
+  assert m.llm.head_bias   # the official head's biases, concatenated like its rows
+  np.testing.assert_array_equal(params["llm.head_bias"], np.concatenate(
+      [tensors["lang_model.lm_head.bias"][:INITIAL],
+       tensors["lang_model.lm_head.additional_fc.bias"]]))
 
 
 def test_mma_logits_match_the_reference_and_causal_ones_do_not(aki):
@@ -127,14 +139,15 @@ def test_import_export_round_trip(aki, tmp_path):
   root, tensors, options = aki
   operations.import_checkpoint(AKI, root / "aki", tmp_path / "ckpt", **options)
   operations.export_checkpoint(AKI, tmp_path / "ckpt", tmp_path / "out")
-  # The official key set (less SigLIP's pooling head, unused and not kept) and equal tensors,
-  # the dead base rows [INITIAL, BASE_VOCAB) written as zeros.
+  # The official key set and equal tensors; what we do not keep is written as zeros: the dead
+  # base rows [INITIAL, BASE_VOCAB) and SigLIP's pooling head (unused).
   out = HFCheckpoint(tmp_path / "out")
-  kept = {k for k in tensors if not k.startswith("vision_encoder.head.")}
-  assert len(kept) < len(tensors) and set(out.keys()) == kept
-  for key in kept:
-    want = tensors[key]
-    if key in ("lang_model.model.embed_tokens.weight", "lang_model.lm_head.weight"):
+  assert set(out.keys()) == set(tensors)
+  for key, want in tensors.items():
+    if key.startswith("vision_encoder.head."):
+      want = np.zeros_like(want)
+    elif key in ("lang_model.model.embed_tokens.weight", "lang_model.lm_head.weight",
+                 "lang_model.lm_head.bias"):
       want = np.concatenate([want[:INITIAL], np.zeros_like(want[INITIAL:])])
     np.testing.assert_array_equal(out.read(key), want, err_msg=key)
   out.close()
@@ -174,10 +187,77 @@ def test_wrong_base_llm_is_refused(aki, tmp_path):
                     vision_config=options["vision_config"])
 
 
-def test_head_bias_is_refused_by_name(aki, tmp_path):
+def test_a_file_without_the_head_bias_is_refused_by_name(aki, tmp_path):
   root, tensors, options = aki
   (tmp_path / "config.json").write_text((root / "aki" / "config.json").read_text())
-  save_file({**tensors, "lang_model.lm_head.bias": np.zeros(BASE_VOCAB, np.float32)},
+  save_file({k: v for k, v in tensors.items() if k != "lang_model.lm_head.bias"},
             str(tmp_path / "model.safetensors"))
-  with pytest.raises(CheckpointError, match="'lang_model.lm_head.bias', an LLM head bias"):
-    AKI.read_config(tmp_path, **options)
+  with pytest.raises(CheckpointError, match="missing key 'lang_model.lm_head.bias'"):
+    operations.read_hf(AKI, tmp_path, progress=False, **options)
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"decoder_layers_attr_name": "model.layers", "gradient_checkpointing": True,
+      "base_img_size": None, "tokenizer": None}, None),
+    ({"decoder_layers_attr_name": "transformer.h"}, "decoder_layers_attr_name='transformer.h'"),
+    ({"vision_layers": 3}, "'vision_layers', which is not an argument"),
+])
+def test_config_json_keys_of_the_official_constructor(aki, tmp_path, extra, match):
+  root, tensors, options = aki
+  config = json.loads((root / "aki" / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, **extra}))
+  (tmp_path / "model.safetensors").symlink_to(root / "aki" / "model.safetensors")
+  if match is None:
+    assert AKI.read_config(tmp_path, **options).model.llm.head_bias
+  else:
+    with pytest.raises(ConfigError, match=match):
+      AKI.read_config(tmp_path, **options)
+
+
+# ------------------------------------------------------------------------------ the LM-head bias
+def _tiny_llm(tied: bool, head_bias: bool) -> DecoderLLM:
+  cfg = LLMConfig(vocab_size=24, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                  num_kv_heads=2, tie_word_embeddings=tied, head_bias=head_bias)
+  return DecoderLLM(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_bias_adds_to_the_logits_of_tied_and_untied_heads(tied):
+  plain, biased = _tiny_llm(tied, False), _tiny_llm(tied, True)
+  assert plain.head_bias is None and biased.head_bias.get_metadata()["out_sharding"] == ("vocab",)
+  bias = np.random.default_rng(0).standard_normal(24).astype(np.float32)
+  biased.head_bias[...] = bias
+  hidden = np.random.default_rng(1).standard_normal((2, 3, 16)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(biased.logits(hidden)),
+                             np.asarray(plain.logits(hidden)) + bias, atol=1e-6, rtol=0)
+
+
+def test_head_bias_is_trained_without_weight_decay():
+  params = nnx.state(_tiny_llm(False, True), nnx.Param)
+  optimizer = make_optimizer(TrainConfig(steps=10, warmup_steps=0, learning_rate=0.1,
+                                         weight_decay=0.5))
+  update = jax.jit(lambda grads: optimizer.update(grads, optimizer.init(params), params)[0])
+  # With zero gradients only weight decay moves a parameter: the head kernel, not its bias.
+  updates = update(jax.tree.map(jnp.zeros_like, params))
+  assert np.abs(np.asarray(updates["lm_head"]["kernel"][...])).max() > 0
+  assert np.abs(np.asarray(updates["head_bias"][...])).max() == 0
+  updates = update(jax.tree.map(jnp.ones_like, params))
+  assert np.abs(np.asarray(updates["head_bias"][...])).min() > 0   # but it is trained
+
+
+def test_hf_llm_export_refuses_a_nonzero_head_bias(tmp_path):
+  save_tiny_llm("llama", tmp_path / "hf")
+  config, params = operations.read_hf(HF_LLM, tmp_path / "hf", progress=False)
+  config.model.llm.head_bias = True
+  vocab = config.model.llm.vocab_size
+  with pytest.raises(CheckpointError, match="'head_bias'.*model.llm.head_bias"):
+    operations.write_hf(HF_LLM, config, {**params, "head_bias": np.ones(vocab, np.float32)},
+                        tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+  # All zeros is no bias: exported as the HF model it is, without a bias key.
+  operations.write_hf(HF_LLM, config, {**params, "head_bias": np.zeros(vocab, np.float32)},
+                      tmp_path / "zeros")
+  exported = HFCheckpoint(tmp_path / "zeros")
+  keys = list(exported.keys())
+  exported.close()
+  assert "lm_head.weight" in keys and not any("bias" in k for k in keys)

@@ -7,7 +7,6 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
@@ -34,9 +33,11 @@ def elements_per_device(params) -> int:
   return sum(math.prod(math.ceil(d / w) for d, w in zip(shape, ways)) for shape, ways in params)
 
 
-def aki_params(embed, heads, mlp, vocab, v_embed, v_heads, v_mlp, c_heads, c_mlp, proj):
+def aki_params(embed, heads, mlp, vocab, v_embed, v_heads, v_mlp, c_heads, c_mlp, proj,
+               head_bias):
   """(llm, connector, vision) parameter lists; each argument says how many ways the dims of that
-  kind split on the mesh (1 = replicated). proj: the connector projection's (in, out) ways."""
+  kind split on the mesh (1 = replicated). proj: the connector projection's (in, out) ways;
+  head_bias: the LM-head bias's (its vocab dim alone, free to take what the kernel's embed took)."""
   llm = [((V, E), (vocab, embed)),                        # embed.embedding
          ((E, V), (embed, vocab)),                        # lm_head.kernel
          *[((LL, E, E), (1, embed, heads))] * 3,          # q, k, v (32 kv heads: k, v as q)
@@ -44,7 +45,8 @@ def aki_params(embed, heads, mlp, vocab, v_embed, v_heads, v_mlp, c_heads, c_mlp
          *[((LL, E, F), (1, embed, mlp))] * 2,            # gate, up
          ((LL, F, E), (1, mlp, embed)),                   # down
          *[((LL, E), (1, embed))] * 2,                    # attn_norm, mlp_norm scales
-         ((E,), (embed,))]                                # final norm
+         ((E,), (embed,)),                                # final norm
+         ((V,), (head_bias,))]                            # head_bias
   connector = [((LAT, VE), (1, v_embed)),                 # latents
                *[((DEPTH, VE), (1, v_embed))] * 4,        # norm_media, norm_latents (scale, bias)
                *[((DEPTH, VE, CI), (1, v_embed, c_heads))] * 3,   # q, k, v
@@ -67,25 +69,32 @@ def aki_params(embed, heads, mlp, vocab, v_embed, v_heads, v_mlp, c_heads, c_mlp
   return llm, connector, vision
 
 
+# One device's rows of the train batch: the preset's default batch (8 rows) gives each of 256
+# devices one row of 256 tokens (7 int32 fields + the f32 loss mask) and 4 image slots of
+# 384 x 384 x 3 f32 with their bool valid flags.
+BATCH_ROW = 256 * 8 * 4 + 4 * (384 * 384 * 3 * F32 + 1)
+
+
 def hand_bytes(llm, connector, vision) -> int:
-  """f32 parameters everywhere + Adam's mu and nu (f32) for the trainable connector and LLM;
-  the frozen tower has no optimizer state."""
+  """f32 parameters everywhere + Adam's mu and nu (f32) for the trainable connector and LLM (the
+  frozen tower has no optimizer state) + one row of the train batch."""
   trainable = elements_per_device(llm) + elements_per_device(connector)
-  return F32 * (trainable + elements_per_device(vision)) + 2 * F32 * trainable
+  return F32 * (trainable + elements_per_device(vision)) + 2 * F32 * trainable + BATCH_ROW
 
 
 # fsdp=256, tensor=1: every embed dim (3072 = 256 x 12) splits 256 ways; the vision width
 # 1152 = 256 x 4.5 does not, so the 256 FSDP devices form fsdp=128 x fsdp_transpose=2: the
 # vision width splits 128 ways (1152 = 128 x 9) and the other dim of each vision and connector
 # weight the remaining 2 ways (1152, 4304, 512, 4608 and, for the projection, 3072 are even).
+# The head bias's vocab dim takes fsdp_transpose (32014 = 2 x 16007), which the kernel's embed took.
 FSDP256_PARAMS = aki_params(embed=256, heads=1, mlp=1, vocab=1, v_embed=128, v_heads=2, v_mlp=2,
-                            c_heads=2, c_mlp=2, proj=(128, 2))
+                            c_heads=2, c_mlp=2, proj=(128, 2), head_bias=2)
 FSDP256 = hand_bytes(*FSDP256_PARAMS)
 # fsdp=64, tensor=4: embed 3072 / 64, vision width 1152 / 64 = 18; heads, MLPs split 4 ways
 # (3072, 8192, 1152, 4304 = 4 x 1076, 512, 4608); the vocabulary 32014 is not a multiple of 4.
 # The projection's input (vision_embed) claims fsdp first, so its output dim stays whole.
 FSDP64_TP4 = hand_bytes(*aki_params(embed=64, heads=4, mlp=4, vocab=1, v_embed=64, v_heads=4,
-                                    v_mlp=4, c_heads=4, c_mlp=4, proj=(64, 1)))
+                                    v_mlp=4, c_heads=4, c_mlp=4, proj=(64, 1), head_bias=1))
 
 
 def run(capsys, *args):
@@ -100,7 +109,7 @@ def test_aki_on_fsdp256_matches_the_hand_count(capsys):
   assert "mesh: data=1 fsdp=128 fsdp_transpose=2 tensor=1 (256 devices)" in out
   assert out[-1] == f"per_device_bytes={FSDP256}"
   # 0.19 GB, about state / 256 (2.77 GB when the 1152-wide weights stayed whole on every device)
-  assert FSDP256 == 189_829_296
+  assert FSDP256 == 190_021_380 + BATCH_ROW == 197_107_464
   rows = {line.split()[0]: line.split()[1:] for line in out if line.startswith(("llm.", "vis"))}
   assert rows["llm.embed.embedding"][:5] == ["32014x3072", "(vocab,", "embed)", "(fsdp_transpose,",
                                              "fsdp)"]
@@ -121,7 +130,7 @@ def test_aki_with_mesh_preset_through_a_base_list(tmp_path):
   lines = result.stdout.splitlines()
   assert "mesh: data=1 fsdp=64 tensor=4 (256 devices)" in lines
   assert lines[-1] == f"per_device_bytes={FSDP64_TP4}"
-  assert FSDP64_TP4 == 217_879_056  # 208 MiB (fsdp=256 alone: 181 MiB, split 128 x 2)
+  assert FSDP64_TP4 == 218_263_224 + BATCH_ROW  # 215 MiB (fsdp=256 alone: 188 MiB, 128 x 2)
 
 
 def test_optimizer_estimate_matches_the_real_adam_state():

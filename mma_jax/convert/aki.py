@@ -4,13 +4,17 @@ the `aki` format (DESIGN.md §4).
 On disk: one model.safetensors with `vision_encoder.*` (a SigLIP vision transformer, no
 `vision_model.` level; its pooling `head.*` is unused), `vision_tokenizer.*` (the Perceiver) and
 `lang_model.*` (the base causal LM whose embedding and head are decoupled: base tensors plus
-`additional_embedding` / `additional_fc` rows for the added tokens `<image>`, `<|endofchunk|>`),
-and a config.json holding only the constructor arguments. The base models' configs are not in the
-checkpoint: they come by path (--llm-config / --vision-config) or from a local HF cache.
+`additional_embedding` / `additional_fc` rows for the added tokens `<image>`, `<|endofchunk|>`;
+the head has biases, `lm_head.bias` and `lm_head.additional_fc.bias`), and a config.json holding
+the constructor arguments. The base models' configs are not in the checkpoint: they come by path
+(--llm-config / --vision-config) or from a local HF cache.
 
-Our model has one table and one head of `initial_tokenizer_len + added` rows: the base rows past
-the original tokenizer are never read by AKI (dead), so import drops them and export writes zeros
-there (the official loader builds the base LLM with all its rows, so they must exist).
+Our model has one table and one head (kernel and bias) of `initial_tokenizer_len + added` rows:
+the base rows past the original tokenizer are never read by AKI (dead), so import drops them and
+export writes zeros there (the official loader builds the base LLM with all its rows, so they must
+exist). Export writes every key the official class has, strictly loadable: SigLIP's pooling head,
+which we do not keep, as zeros (its output is never read), and a head bias of zeros for a model
+without one (model.llm.head_bias=false).
 """
 from __future__ import annotations
 
@@ -24,21 +28,27 @@ import numpy as np
 from mma_jax.config import (Config, ConfigError, LLMConfig, ModelConfig, OriginConfig,
                             VisionConfig, validate)
 from mma_jax.convert.formats import Format, read_json
-from mma_jax.convert.keymap import IDENTITY, LINEAR, Hook, Rule, expand, prefixed
+from mma_jax.convert.keymap import IDENTITY, LINEAR, Hook, Rule, expand, prefixed, unkept
 from mma_jax.convert.llm import llm_config_from_hf, llm_config_to_hf, llm_ignored, llm_rules
 from mma_jax.convert.safetensors_io import CheckpointError, HFCheckpoint
 from mma_jax.convert.vision import (connector_entries, perceiver_config_from_shapes,
-                                    vision_config_from_hf, vision_config_to_hf, vision_ignored,
-                                    vision_rules)
+                                    siglip_head_shapes, vision_config_from_hf,
+                                    vision_config_to_hf, vision_rules)
 from mma_jax.layout import attention_windows
 
 log = logging.getLogger(__name__)
 
-# The constructor arguments config.json holds (and export writes back).
+# The constructor arguments config.json must hold (and export writes back).
 CONSTRUCTOR_ARGS = ("vision_encoder_path", "lang_model_path", "pad_token_id",
                     "initial_tokenizer_len", "num_vision_tokens")
+# Its other arguments, which PyTorchModelHubMixin saves too, with the values export writes: the
+# official constructor fails without decoder_layers_attr_name; base_img_size (null: the tower's
+# size) is stored but never read; gradient_checkpointing is for training; tokenizer is not JSON.
+OTHER_ARGS = {"decoder_layers_attr_name": "model.layers", "gradient_checkpointing": False,
+              "base_img_size": None, "tokenizer": None}
 EMBED, ADDED_EMBED = "model.embed_tokens.weight", "model.embed_tokens.additional_embedding.weight"
 HEAD, ADDED_HEAD = "lm_head.weight", "lm_head.additional_fc.weight"
+HEAD_BIAS, ADDED_HEAD_BIAS = "lm_head.bias", "lm_head.additional_fc.bias"
 LLM, VISION, PERCEIVER = "lang_model.", "vision_encoder.", "vision_tokenizer."
 
 
@@ -77,18 +87,12 @@ def find_base_config(model_path: str, flag: str, what: str) -> pathlib.Path:
 def _read_config(src, *, llm_config=None, vision_config=None, **_) -> Config:
   src = pathlib.Path(src)
   aki = read_json(src)
-  missing = [k for k in CONSTRUCTOR_ARGS if aki.get(k) is None]
-  if missing:
-    raise ConfigError(f"'{src / 'config.json'}' lacks '{missing[0]}': not an AKI checkpoint "
-                      f"(expected the constructor arguments {', '.join(CONSTRUCTOR_ARGS)})")
+  _check_constructor_args(aki, src / "config.json")
   llm, vision = _base_models(aki, llm_config, vision_config)
   shapes = _tensor_shapes(src)
-  # The official DecoupledLinear defaults to bias=True; a file that kept such biases needs a head
-  # bias our LLM does not have (yet): refuse it by name rather than as an unexpected key.
-  head_bias = [k for k in (LLM + "lm_head.bias", LLM + "lm_head.additional_fc.bias") if k in shapes]
-  if head_bias:
-    raise CheckpointError(f"'{src}' holds '{head_bias[0]}', an LLM head bias (the official "
-                          "DecoupledLinear's), which our LLM head does not support yet")
+  if any(k.startswith(VISION + "head.") for k in shapes):
+    log.info("aki: %shead.* (SigLIP's pooling head) is never read by AKI: not kept; export "
+             "writes zeros there", VISION)
   initial = int(aki["initial_tokenizer_len"])
   base_vocab, added = _shape(shapes, LLM + EMBED)[0], _shape(shapes, LLM + ADDED_EMBED)[0]
   if base_vocab != llm.vocab_size:
@@ -101,13 +105,32 @@ def _read_config(src, *, llm_config=None, vision_config=None, **_) -> Config:
   if connector.num_latents != aki["num_vision_tokens"]:
     raise CheckpointError(f"'{src}': the Perceiver has {connector.num_latents} latents but "
                           f"config.json says num_vision_tokens={aki['num_vision_tokens']}")
-  llm = dataclasses.replace(llm, vocab_size=initial + added, pad_token_id=aki["pad_token_id"])
+  # The official head is a DecoupledLinear with its default bias=True, trained with the rest:
+  # an AKI file always holds the head biases (a file without them stops as a missing key).
+  llm = dataclasses.replace(llm, vocab_size=initial + added, pad_token_id=aki["pad_token_id"],
+                            head_bias=True)
   origin = OriginConfig(format="aki", image_token_id=initial, llm_path=aki["lang_model_path"],
                         vision_path=aki["vision_encoder_path"], base_vocab_size=base_vocab)
   config = Config(model=ModelConfig(llm=llm, vision=vision, connector=connector, origin=origin))
   config.attention.mask = "mma"   # AKI's SFT attention (DESIGN.md §1)
   validate(config)
   return config
+
+
+def _check_constructor_args(aki: dict, path: pathlib.Path) -> None:
+  missing = [k for k in CONSTRUCTOR_ARGS if aki.get(k) is None]
+  if missing:
+    raise ConfigError(f"'{path}' lacks '{missing[0]}': not an AKI checkpoint "
+                      f"(expected the constructor arguments {', '.join(CONSTRUCTOR_ARGS)})")
+  # torch_dtype: what our export wrote before it wrote the constructor's arguments only.
+  unknown = sorted(set(aki) - set(CONSTRUCTOR_ARGS) - set(OTHER_ARGS) - {"torch_dtype"})
+  if unknown:
+    raise ConfigError(f"'{path}' has '{unknown[0]}', which is not an argument of the official "
+                      f"AKI constructor: is it an AKI checkpoint?")
+  layers = aki.get("decoder_layers_attr_name")
+  if layers not in (None, OTHER_ARGS["decoder_layers_attr_name"]):
+    raise ConfigError(f"'{path}': decoder_layers_attr_name={layers!r}, but the LLMs we convert "
+                      f"keep their decoder layers in {OTHER_ARGS['decoder_layers_attr_name']!r}")
 
 
 def _base_models(aki: dict, llm_config, vision_config) -> tuple[LLMConfig, VisionConfig]:
@@ -144,7 +167,7 @@ def _hf_files(config: Config) -> dict[str, dict]:
   return {"config.json": {
       "vision_encoder_path": m.origin.vision_path, "lang_model_path": m.origin.llm_path,
       "pad_token_id": m.llm.pad_token_id, "initial_tokenizer_len": m.origin.image_token_id,
-      "num_vision_tokens": m.connector.num_latents}}
+      "num_vision_tokens": m.connector.num_latents, **OTHER_ARGS}}
 
 
 # ---------------------------------------------------------------------------------------- key map
@@ -163,32 +186,43 @@ def live_rows(num_live: int, num_rows: int, transpose: bool) -> Hook:
   return Hook(f"live_rows({num_live}/{num_rows})", to_ours, to_hf)
 
 
-def decoupled_rules(num_original: int, base_vocab: int) -> list[Rule]:
-  """Our table rows / head columns [0, num_original) come from the base tensors, the rest from the
-  additional ones."""
+def decoupled_rules(num_original: int, base_vocab: int, num_added: int,
+                    head_bias: bool) -> list[Rule]:
+  """Our table rows / head columns and bias entries [0, num_original) come from the base tensors,
+  the rest from the additional ones. Without a head bias of ours, export writes zeros."""
   original, added = slice(0, num_original), slice(num_original, None)
-  return [
+  rules = [
       Rule(EMBED, "embed.embedding", live_rows(num_original, base_vocab, False), (original,)),
       Rule(ADDED_EMBED, "embed.embedding", IDENTITY, (added,)),
       Rule(HEAD, "lm_head.kernel", live_rows(num_original, base_vocab, True),
            (slice(None), original)),
       Rule(ADDED_HEAD, "lm_head.kernel", LINEAR, (slice(None), added)),
   ]
+  if head_bias:
+    return rules + [
+        Rule(HEAD_BIAS, "head_bias", live_rows(num_original, base_vocab, False), (original,)),
+        Rule(ADDED_HEAD_BIAS, "head_bias", IDENTITY, (added,))]
+  return rules + [Rule(HEAD_BIAS, (), unkept((base_vocab,))),
+                  Rule(ADDED_HEAD_BIAS, (), unkept((num_added,)))]
 
 
 def _entries(config: Config):
   m = config.model
+  initial = m.origin.image_token_id
   llm = [r for r in llm_rules(m.llm) if r.hf not in (EMBED, HEAD)]
-  llm += decoupled_rules(m.origin.image_token_id, m.origin.base_vocab_size)
+  llm += decoupled_rules(initial, m.origin.base_vocab_size, m.llm.vocab_size - initial,
+                         m.llm.head_bias)
+  pooling_head = [Rule(key, (), unkept(shape))
+                  for key, shape in siglip_head_shapes(m.vision).items()]
   return (prefixed(expand(llm, m.llm.num_layers), LLM, "llm.")
-          + prefixed(expand(vision_rules(m.vision), m.vision.num_layers), VISION, "vision.")
+          + prefixed(expand(vision_rules(m.vision) + pooling_head, m.vision.num_layers), VISION,
+                     "vision.")
           + connector_entries(m.connector, PERCEIVER, "connector."))
 
 
 def _ignored(config: Config) -> tuple[str, ...]:
   m = config.model
   return (tuple(LLM + p for p in llm_ignored(m.llm))
-          + tuple(VISION + p for p in vision_ignored(m.vision))
           + (VISION + "embeddings.position_ids",))   # a buffer older transformers saved
 
 
@@ -305,4 +339,4 @@ def _compare(src, model, config: Config, seq_len: int, batch: int, seed: int):
 
 
 AKI = Format(name="aki", read_config=_read_config, hf_files=_hf_files, entries=_entries,
-             ignored=_ignored, compare=_compare)
+             ignored=_ignored, compare=_compare, config_dtype=False)

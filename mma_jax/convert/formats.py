@@ -27,6 +27,9 @@ class Format:
   # (HF dir, our model, config, seq_len, batch, seed) -> (ours, reference, valid) logits
   compare: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
   rename: Callable[[str], str] | None = None   # stored key -> canonical key (several layouts)
+  # export records torch_dtype in config.json, as transformers configs do (AKI's config.json
+  # holds its constructor's arguments only)
+  config_dtype: bool = True
 
 
 def read_json(path: str | pathlib.Path) -> dict:

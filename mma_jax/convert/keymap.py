@@ -28,6 +28,14 @@ IDENTITY = Hook("identity", lambda a: (a,), lambda xs: xs[0])
 LINEAR = Hook("linear", lambda a: (a.T,), lambda xs: xs[0].T)
 
 
+def unkept(shape: Sequence[int]) -> Hook:
+  """A tensor the HF model holds and we do not keep (use it in an Entry with no slots): on
+  import only its shape is checked, on export it is written as zeros, for loaders that want
+  every key."""
+  shape = tuple(shape)
+  return Hook(f"unkept{shape}", lambda a: (), lambda xs: np.zeros(shape, np.float32))
+
+
 def split_rows(sizes: Sequence[int], transpose: bool = True) -> Hook:
   """A fused HF tensor whose first axis concatenates parts of `sizes` (Phi-3 qkv_proj and
   gate_up_proj, the Perceiver's to_kv): split on import, concatenated on export."""

@@ -15,8 +15,8 @@ from mma_jax.convert.llava import LLAVA
 from mma_jax.convert.llm import HF_LLM
 from mma_jax.convert.safetensors_io import CheckpointError, HFCheckpoint, write_safetensors
 from mma_jax.convert.store import load_model, save_model
-from mma_jax.convert.transfer import (build_with_params, export_params, import_params,
-                                     module_params, param_shapes)
+from mma_jax.convert.transfer import (build_with_params, check_exportable, export_params,
+                                     import_params, module_params, param_shapes)
 from mma_jax.convert.vision import HF_VISION
 from mma_jax.models import build_model
 from mma_jax.models.connector import build_connector
@@ -60,9 +60,12 @@ def write_hf(fmt: Format, config: Config, params, dst, *, dtype: str = "f32") ->
   dst = pathlib.Path(dst)
   if (dst / "config.json").exists():
     raise CheckpointError(f"'{dst}' already holds an HF checkpoint; choose another --dst")
+  entries = fmt.entries(config)
+  check_exportable(entries, params, fmt.name)
   files = fmt.hf_files(config)
-  files["config.json"]["torch_dtype"] = {"f32": "float32", "bf16": "bfloat16"}[dtype]
-  write_safetensors(dst, export_params(fmt.entries(config), params, dtype=DTYPES[dtype]))
+  if fmt.config_dtype:
+    files["config.json"]["torch_dtype"] = {"f32": "float32", "bf16": "bfloat16"}[dtype]
+  write_safetensors(dst, export_params(entries, params, dtype=DTYPES[dtype]))
   for name, content in files.items():
     (dst / name).write_text(json.dumps(content, indent=2))
   return dst

@@ -85,17 +85,18 @@ class DecoupledEmbedding(nn.Embedding):
 
 
 class DecoupledLinear(nn.Linear):
-  """Logits of the base head `weight` [base_vocab, E] cut to the original vocabulary, followed by
-  those of `additional_fc` (the added tokens)."""
+  """Logits of the base head `weight` [base_vocab, E] + `bias` cut to the original vocabulary,
+  followed by those of `additional_fc` (the added tokens). Both carry a bias, as the official
+  class's default bias=True gives them."""
 
   def __init__(self, dim: int, base_vocab: int, num_original: int, num_additional: int):
-    super().__init__(dim, base_vocab, bias=False)
+    super().__init__(dim, base_vocab, bias=True)
     self.num_original = num_original
-    self.additional_fc = nn.Linear(dim, num_additional, bias=False)
+    self.additional_fc = nn.Linear(dim, num_additional, bias=True)
 
   def forward(self, x):
-    return torch.cat([F.linear(x, self.weight)[..., :self.num_original], self.additional_fc(x)],
-                     dim=-1)
+    base = F.linear(x, self.weight, self.bias)[..., :self.num_original]
+    return torch.cat([base, self.additional_fc(x)], dim=-1)
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -113,7 +114,7 @@ def mma_keep_mask(valid: torch.Tensor, image_start: int, image_end: int,
 class AKIReference(nn.Module):
   """The AKI forward: SigLIP tower (last_hidden_state) -> Perceiver -> image rows spliced into the
   decoupled token embeddings in place of each row's <image> token -> the LLM under the official MMA
-  keep mask (a 4-D additive mask, eager attention) -> decoupled head."""
+  keep mask (a 4-D additive mask, eager attention) -> decoupled head (with its biases)."""
 
   def __init__(self, vision_config, llm_config, *, perceiver: dict, initial_tokenizer_len: int,
                num_additional: int = 2):

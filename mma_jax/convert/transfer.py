@@ -7,6 +7,7 @@ naming the key: a missing key, an unexpected key, or a shape mismatch with both 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from typing import Iterator, Mapping, Sequence
 
 import jax
@@ -16,6 +17,8 @@ from tqdm import tqdm
 
 from mma_jax.convert.keymap import Entry
 from mma_jax.convert.safetensors_io import CheckpointError, HFCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 def param_shapes(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -36,7 +39,9 @@ def _slot_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
 
 def check_keys(entries: Sequence[Entry], ckpt: HFCheckpoint, ignore: Sequence[str] = ()) -> None:
   wanted = {e.hf for e in entries}
-  missing = sorted(k for k in wanted if k not in ckpt)
+  # An entry that fills none of our parameters exists for export only (a tensor the HF loader
+  # wants and we do not keep): shape-checked on import when present, never required.
+  missing = sorted(e.hf for e in entries if e.slots and e.hf not in ckpt)
   if missing:
     raise CheckpointError(f"checkpoint '{ckpt.dir}' is missing key '{missing[0]}'"
                           f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
@@ -74,6 +79,21 @@ def import_params(entries: Sequence[Entry], ckpt: HFCheckpoint,
     for (path, index), array in zip(entry.slots, entry.hook.to_ours(ckpt.read(key))):
       out[path][index] = array
   return out
+
+
+def check_exportable(entries: Sequence[Entry], params: Mapping[str, np.ndarray], fmt: str
+                     ) -> None:
+  """Export must not lose a parameter silently: one that no entry writes is refused by name,
+  unless it is all zeros (an LM-head bias of zeros is no bias), which is dropped with a log line."""
+  written = {p for e in entries for p, _ in e.slots}
+  for path in sorted(set(params) - written):
+    if np.any(np.asarray(params[path])):
+      hint = (" (the LM-head bias of model.llm.head_bias=true: HF LLMs have no head bias; the aki "
+              "format keeps it)" if path.endswith("head_bias") else "")
+      raise CheckpointError(f"our parameter '{path}' has no key in the '{fmt}' format and is not "
+                            f"all zeros, so exporting would drop it{hint}")
+    log.info("export: our parameter '%s' is all zeros and has no key in '%s': not written",
+             path, fmt)
 
 
 def export_params(entries: Sequence[Entry], params: Mapping[str, np.ndarray], *, dtype=None

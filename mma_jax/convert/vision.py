@@ -133,6 +133,17 @@ def vision_ignored(cfg: VisionConfig) -> tuple[str, ...]:
   return ("head.*",) if cfg.family == "siglip" else ()
 
 
+def siglip_head_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
+  """Relative key -> shape of SigLIP's attention pooling head (transformers'
+  SiglipMultiheadAttentionPoolingHead: a probe, an nn.MultiheadAttention, a LayerNorm, an MLP)."""
+  e, f = cfg.hidden_size, cfg.intermediate_size
+  return {"head.probe": (1, 1, e), "head.attention.in_proj_weight": (3 * e, e),
+          "head.attention.in_proj_bias": (3 * e,), "head.attention.out_proj.weight": (e, e),
+          "head.attention.out_proj.bias": (e,), "head.layernorm.weight": (e,),
+          "head.layernorm.bias": (e,), "head.mlp.fc1.weight": (f, e), "head.mlp.fc1.bias": (f,),
+          "head.mlp.fc2.weight": (e, f), "head.mlp.fc2.bias": (e,)}
+
+
 # A full SiglipModel / CLIPModel checkpoint (e.g. openai/clip-vit-large-patch14-336, the LLaVA-1.5
 # tower) also carries the text tower and the contrastive heads.
 FULL_MODEL_EXTRAS = ("text_model.*", "logit_scale", "logit_bias", "visual_projection.*",

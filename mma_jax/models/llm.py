@@ -16,8 +16,8 @@ from flax import nnx
 
 from mma_jax.attention import attend, cached_attention, materialize
 from mma_jax.config import LLMConfig, RopeConfig
-from mma_jax.models.layers import (DTYPES, Embed, Linear, RMSNorm, apply_stacked, scan_stacked,
-                                   stack_layers, stacked_layer)
+from mma_jax.models.layers import (DTYPES, Embed, Linear, RMSNorm, apply_stacked, param,
+                                   scan_stacked, stack_layers, stacked_layer)
 from mma_jax.sharding import constrain
 
 
@@ -196,6 +196,11 @@ class DecoderLLM(nnx.Module):
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
     self.lm_head = (None if cfg.tie_word_embeddings else
                     Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, **kw))
+    # AKI's head has a bias (HF LLMs' have none). It is its own parameter, not the Linear's, so
+    # that tied and untied heads add it alike, in f32 after the matmul: a trained bias of size
+    # ~1 would lose its low bits to a bf16 addition.
+    self.head_bias = (param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",),
+                            DTYPES[param_dtype]) if cfg.head_bias else None)
 
   def embed_tokens(self, tokens):
     return self.embed(tokens)
@@ -302,6 +307,10 @@ class DecoderLLM(nnx.Module):
     return x
 
   def logits(self, hidden):
-    """hidden [..., E] -> f32 logits [..., V]; training calls it on answer positions only."""
+    """hidden [..., E] -> f32 logits [..., V] (+ the head bias); training calls it on answer
+    positions only, generation on the last one: every path to logits comes here."""
     logits = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if self.head_bias is not None:
+      logits = logits + self.head_bias[...].astype(jnp.float32)
+    return logits
