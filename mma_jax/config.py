@@ -52,6 +52,7 @@ class LLMConfig:
   rope: RopeConfig = field(default_factory=RopeConfig)
   qkv_bias: bool = False                 # qwen2: True
   tie_word_embeddings: bool = False
+  head_bias: bool = False                # a bias on the LM head (AKI trains one; HF LLMs have none)
   sliding_window: int = 0                # 0 = none; longer sequences are refused, not windowed
   bos_token_id: int | None = None        # the special ids HF configs carry, kept for export
   eos_token_ids: list[int] = field(default_factory=list)
@@ -196,6 +197,17 @@ class DataConfig:
   image_norm: Literal["auto", "siglip", "clip"] = "auto"   # auto = model.vision.family
   pack_window: int = 128                 # examples first-fit packed together
   system_prompt: str | None = None       # None: the template's default; "": no system block
+  # "official": the aki (phi3) template exactly as the official AKI code lays it out (BOS/EOS from
+  # the tokenizer, `<image>{caption}<|endofchunk|>` captions, labels = all after the first
+  # assistant token, multi-turn conversations split into single turns, prompt images for
+  # generation/eval resized in their own mode before RGB as official inference does; training
+  # images are converted to RGB first, as the official loaders do: images.resizes_first);
+  # "default": whole multi-turn conversations, answers-only loss.
+  flavour: Literal["default", "official"] = "default"
+  # The official SFT image augmentation, on training data only (never eval), with any flavour:
+  # RandomResizedCrop(image size, scale 0.5-1, ratio 3/4-4/3, bicubic) of the resized image +
+  # horizontal flip (p 0.5), drawn from (data.seed, record index, epoch): resumes see the same.
+  augment: bool = False
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -439,6 +451,9 @@ def validate(config: Config) -> None:
   _check(config.mesh.fsdp_transpose >= 0, "mesh.fsdp_transpose",
          f"{config.mesh.fsdp_transpose} must be 0 (chosen for the model) or a divisor of mesh.fsdp")
   _check(config.data.max_length > 0, "data.max_length", "must be positive")
+  _check(config.data.flavour != "official" or config.data.template == "phi3", "data.flavour",
+         f"official reproduces the official AKI code, whose template is phi3 (data.template is "
+         f"{config.data.template!r})")
   t = config.train
   _check(t.batch_size > 0 and t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
          "train.grad_accum", f"{t.grad_accum} must divide train.batch_size={t.batch_size}")

@@ -66,9 +66,15 @@ class Generation:
 # ------------------------------------------------------------------------------------- stop tokens
 def template_stop_tokens(template: ChatTemplate) -> tuple[str, ...]:
   """The template's end-of-turn and end-of-sequence tokens: its special tokens that close an
-  answer or a user turn, and eos (phi3: <|end|>, <|endoftext|>; vicuna_v1: </s>)."""
-  tails = (template.answer.split("{answer}")[1], template.user.split("{content}")[1], template.eos)
-  return tuple(t for t in template.special_tokens if any(t in tail for tail in tails))
+  answer or a user turn, the one that ends a sequence (eos' last: the official flavour's caption
+  end `<|endofchunk|><|endoftext|>` gives <|endoftext|>), and the assistant header when it is one
+  special token (a model that writes it starts another answer). phi3, either flavour:
+  <|assistant|>, <|end|>, <|endoftext|>, the ids Phi-3.5's generation_config.json stops on (the
+  official AKI generate passes no others); vicuna_v1: </s>."""
+  eos = [t for t in template.special_tokens if template.eos.endswith(t)] or [template.eos]
+  tails = (template.answer.split("{answer}")[1], template.user.split("{content}")[1], eos[0])
+  return tuple(t for t in template.special_tokens
+               if any(t in tail for tail in tails) or t == template.assistant_header)
 
 
 def default_stop_token_ids(layout: ChatLayout, eos_token_ids: Sequence[int] = ()
@@ -211,13 +217,16 @@ class Generator:
   settings, seed and stop ids are runtime values."""
 
   def __init__(self, model: nnx.Module, layout: ChatLayout, tokenizer, *, image_size: int,
-               image_norm: str, mesh: Mesh | None = None, length_multiple: int = 64):
+               image_norm: str, mesh: Mesh | None = None, length_multiple: int = 64,
+               resize_first: bool = False):
+    """resize_first: resize images in their own mode, then RGB (images.resizes_first decides
+    it from data.flavour); applies to images given undecoded or at another size."""
     if isinstance(model, MultimodalDecoder) and model.tokens_per_image != layout.num_image_tokens:
       raise ValueError(f"the layout expands <image> to {layout.num_image_tokens} tokens but the "
                        f"model gives {model.tokens_per_image} rows per image")
     self.layout, self.tokenizer, self.mesh = layout, tokenizer, mesh
     self.image_size, self.image_norm = image_size, image_norm
-    self.length_multiple = length_multiple
+    self.length_multiple, self.resize_first = length_multiple, resize_first
     self.stop_token_ids = default_stop_token_ids(layout, _decoder(model).cfg.eos_token_ids)
     self.batch_shards = batch_shards(mesh)
     # The answer template's tail (the end-of-answer token) is not part of an option's text.
@@ -327,8 +336,8 @@ class Generator:
       if len(pics) != conversation.num_images:
         raise ValueError(f"conversation {i} has {conversation.num_images} <image> placeholders "
                          f"but {len(pics)} images were given")
-      arrays = [preprocess(p, self.image_size, self.image_norm, name=f"conversation {i} image {k}")
-                for k, p in enumerate(pics)]
+      arrays = [preprocess(p, self.image_size, self.image_norm, name=f"conversation {i} image {k}",
+                           resize_first=self.resize_first) for k, p in enumerate(pics)]
       out.append(np.stack(arrays) if arrays else
                  np.zeros((0, self.image_size, self.image_size, 3), np.float32))
     return out

@@ -11,13 +11,14 @@ shifts them later in the data pipeline.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from mma_jax.config import MASK_MODES
-from mma_jax.templates import IMAGE_TOKEN, ChatTemplate, get_template
+from mma_jax.templates import FLAVOURS, IMAGE_TOKEN, ChatTemplate, get_template, official_aki
 
 ROLES = ("user", "assistant")
 
@@ -102,24 +103,38 @@ class ChatLayout:
   """
 
   def __init__(self, template: str | ChatTemplate, tokenizer, num_image_tokens: int,
-               mode: str = "mma"):
+               mode: str = "mma", flavour: str = "default"):
     if mode not in MASK_MODES:
       raise ValueError(f"unknown mask mode {mode!r}; choose one of: {', '.join(MASK_MODES)}")
     if num_image_tokens < 1:
       raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
-    self.template = get_template(template)
+    if flavour not in FLAVOURS:
+      raise ValueError(f"unknown data flavour {flavour!r}; choose one of: {', '.join(FLAVOURS)}")
+    self.flavour = flavour
+    self.prompt_template = get_template(template)   # generation prompts
+    self.template = self.prompt_template             # training examples and captions
+    if flavour == "official":
+      if tokenizer.bos_token is None or tokenizer.eos_token is None:
+        raise ValueError("data.flavour=official needs a tokenizer with BOS and EOS tokens")
+      self.template = official_aki(template, tokenizer.bos_token, tokenizer.eos_token)
     self.tokenizer = tokenizer
     self.num_image_tokens = num_image_tokens
     self.mode = mode
     self.image_token_id = _single_token_id(tokenizer, IMAGE_TOKEN, self.template)
     for token in self.template.special_tokens:
       _single_token_id(tokenizer, token, self.template)
+    self._stripping_tokens = stripping_tokens(tokenizer)
 
   def conversation(self, conversation: Conversation, generation_prompt: bool = False) -> Example:
     """An SFT example (loss on the answers), or with `generation_prompt` the prompt to prefill:
     the conversation then ends with a user turn and the layout with its assistant header."""
+    return self._assemble(*self.render(conversation, generation_prompt), self.mode)
+
+  def render(self, conversation: Conversation, generation_prompt: bool = False):
+    """The conversation's text and the character positions the layout needs: (text, each
+    `<image>`, per turn (turn start, assistant header end), per answer (start, end))."""
     _check_conversation(conversation, generation_prompt)
-    t = self.template
+    t = self.prompt_template if generation_prompt else self.template
     user_before, user_after = t.user.split("{content}")
     answer_before, answer_after = t.answer.split("{answer}")
     text = _TextBuilder()
@@ -142,7 +157,13 @@ class ChatLayout:
         answer_start = text.add(answer_before + content + answer_after)
         answers.append((answer_start, text.length))
         turn_start = text.length
-    return self._assemble(text.value(), images, prompts, answers, self.mode)
+    return text.value(), images, prompts, answers
+
+  def training_examples(self, conversation: Conversation) -> list[Example]:
+    """The SFT examples of a conversation: itself whole, or (official flavour) one per turn."""
+    if self.flavour == "official":
+      return [self.conversation(turn) for turn in single_turns(conversation)]
+    return [self.conversation(conversation)]
 
   def caption(self, caption: str, num_images: int = 1) -> Example:
     """A pre-training example: images, then the caption and EOS; causal, loss on caption + EOS.
@@ -214,7 +235,12 @@ class ChatLayout:
     )
 
   def _tokenize(self, text: str):
-    """Token ids of `text` and a map from a character boundary to the index of the token there."""
+    """Token ids of `text` and a map from a character boundary to the index of the token there.
+
+    Added tokens with `rstrip` / `lstrip` (Phi-3's role tokens swallow the newline after them)
+    span whitespace beyond their own text. A boundary inside such whitespace belongs to the side
+    of the token's text: after an rstrip token's text it maps past the token, before an lstrip
+    token's text onto it. Any other boundary inside a token is an error."""
     encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(encoded["input_ids"], np.int32)
     offsets = np.asarray(encoded["offset_mapping"], np.int64).reshape(-1, 2)
@@ -222,14 +248,41 @@ class ChatLayout:
 
     def to_token(char: int, what: str) -> int:
       k = int(np.searchsorted(starts, char))       # tokens starting before `char`
-      if k > 0 and ends[k - 1] > char:
-        raise ConversationError(
-            "token_boundary", f"the boundary of {what} at character {char} falls inside a token "
-            f"of template {self.template.name!r} with this tokenizer: "
-            f"{text[max(0, char - 20):char]!r} | {text[char:char + 20]!r}")
-      return k
+      if k == 0 or ends[k - 1] <= char:
+        return k
+      content = self._stripping_tokens.get(int(ids[k - 1]))
+      if content is not None:
+        at = text.find(content, starts[k - 1], ends[k - 1])
+        if at >= 0 and char >= at + len(content) and not text[char:ends[k - 1]].strip():
+          return k               # in the whitespace an rstrip token swallowed
+        if at >= 0 and char <= at and not text[starts[k - 1]:char].strip():
+          return k - 1           # in the whitespace an lstrip token swallowed
+      raise ConversationError(
+          "token_boundary", f"the boundary of {what} at character {char} falls inside a token "
+          f"of template {self.template.name!r} with this tokenizer: "
+          f"{text[max(0, char - 20):char]!r} | {text[char:char + 20]!r}")
 
     return ids, to_token
+
+
+def single_turns(conversation: Conversation) -> list[Conversation]:
+  """A conversation split as the official AKI code splits LLaVA conversations
+  (llava_dataset.py load_data): one conversation per (user, assistant) pair, each with the system
+  prompt and, when the conversation has its image, `<image>\n` in front of the question (the
+  question's own `<image>\n` / `\n<image>` removed). The official code knows one image per
+  sample; a conversation with more is refused."""
+  _check_conversation(conversation, generation_prompt=False)
+  if conversation.num_images > 1:
+    raise ConversationError("image_count_mismatch", f"{conversation.num_images} images: the "
+                            "official flavour lays out one image per sample")
+  turns = list(conversation.turns)
+  singles = []
+  for (_, question), (_, answer) in zip(turns[::2], turns[1::2]):
+    if conversation.num_images:
+      question = IMAGE_TOKEN + "\n" + re.sub(r"<image>\n|\n<image>", "", question)
+    singles.append(Conversation([("user", question), ("assistant", answer)],
+                                num_images=conversation.num_images, system=conversation.system))
+  return singles
 
 
 def layout_conversation(conversation: Conversation, template: str | ChatTemplate, tokenizer,
@@ -268,6 +321,13 @@ def _find_all(text: str, sub: str) -> list[int]:
     found.append(i)
     i = text.find(sub, i + len(sub))
   return found
+
+
+def stripping_tokens(tokenizer) -> dict[int, str]:
+  """id -> text of the tokenizer's added tokens that swallow whitespace (rstrip or lstrip)."""
+  added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+  return {int(i): t.content for i, t in added.items()
+          if getattr(t, "rstrip", False) or getattr(t, "lstrip", False)}
 
 
 def _single_token_id(tokenizer, token: str, template: ChatTemplate) -> int:

@@ -12,9 +12,12 @@ and renders each answer with `answer`, whose whole text (answer + end-of-turn to
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 IMAGE_TOKEN = "<image>"
+END_OF_CHUNK = "<|endofchunk|>"   # the official AKI code's second added token (ends captions)
+FLAVOURS = ("default", "official")
 
 # The AKI and LLaVA-1.5 system prompt.
 CURIOUS_USER_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -119,3 +122,18 @@ def get_template(template: str | ChatTemplate) -> ChatTemplate:
 def required_special_tokens(template: str | ChatTemplate) -> tuple[str, ...]:
   """Tokens a tokenizer must hold as single ids to lay out conversations with `template`."""
   return (IMAGE_TOKEN,) + get_template(template).special_tokens
+
+
+def official_aki(template: str | ChatTemplate, bos: str, eos: str) -> ChatTemplate:
+  """The aki (phi3) template as the official AKI code lays out *training* text (DESIGN.md §7):
+  the tokenizer's BOS and EOS around the text with nothing between BOS and the system block
+  (sft_data_utils/base.py encode_prompt with add_bos/add_eos), and captions
+  `<image>{caption}<|endofchunk|>` + EOS (train/data.py preprocess_paired_text). Prompts for
+  generation keep the template's own prefix, "<s> " as local_demo.py writes it."""
+  t = get_template(template)
+  if t.name != "phi3":
+    raise ValueError(f"data.flavour=official reproduces the official AKI code, whose template is "
+                     f"phi3; got template {t.name!r}")
+  return dataclasses.replace(t, prefix=bos, bos=bos, eos=END_OF_CHUNK + eos,
+                             answer="{answer}" + eos,
+                             special_tokens=t.special_tokens + (END_OF_CHUNK,))

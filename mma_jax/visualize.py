@@ -170,9 +170,9 @@ def compute(loaded, pixels: np.ndarray, question: str, *, answer: str | None, la
   from flax import nnx
 
   from mma_jax.data.images import normalize
-  from mma_jax.data.tokenizer import load_tokenizer
+  from mma_jax.data.tokenizer import config_layout
   from mma_jax.generate import PROMPT_FIELDS, Generator, SamplingConfig
-  from mma_jax.layout import ChatLayout, Conversation
+  from mma_jax.layout import Conversation
   from mma_jax.sharding import batch_sharding, batch_shards
   from mma_jax.templates import IMAGE_TOKEN
   from mma_jax.train.loop import image_tokens
@@ -195,8 +195,8 @@ def compute(loaded, pixels: np.ndarray, question: str, *, answer: str | None, la
 
   data, vision = config.data, config.model.vision
   image_norm = vision.family if data.image_norm == "auto" else data.image_norm
-  tokenizer, _ = load_tokenizer(data.tokenizer, data.template)
-  layout = ChatLayout(data.template, tokenizer, image_tokens(config), mode=config.attention.mask)
+  layout = config_layout(config, image_tokens(config))
+  tokenizer = layout.tokenizer
   conversation = Conversation([("user", f"{IMAGE_TOKEN}\n{question}")], 1, data.system_prompt)
   prompt = layout.conversation(conversation, generation_prompt=True)
   images = normalize(pixels, image_norm)[None]                            # [1, S, S, 3]
@@ -337,10 +337,10 @@ def parse_args(argv):
 
 def run(args) -> tuple[Maps, list[str]]:
   """Does what the CLI does for parsed `args`: (the maps drawn, the lines printed)."""
-  from mma_jax.data.images import decode_rgb, resize_rgb
+  from mma_jax.data.images import decode_rgb, resize_rgb, resizes_first
   from mma_jax.evaluate.loading import load_for_eval
 
-  rgb = decode_rgb(args.image, name="--image")        # a bad image fails before the model loads
+  decode_rgb(args.image, name="--image")              # a bad image fails before the model loads
   overrides = ([f"attention.mask={args.mask}"] if args.mask else []) + list(args.overrides)
   loaded = load_for_eval(args.checkpoint, overrides)
   config = loaded.config
@@ -348,7 +348,8 @@ def run(args) -> tuple[Maps, list[str]]:
     raise VisualizeError(f"checkpoint '{loaded.path}' is not a multimodal model "
                          f"(model.kind={config.model.kind})")
   size = config.data.image_size or config.model.vision.image_size
-  pixels = resize_rgb(np.asarray(rgb), size, name="--image")
+  pixels = resize_rgb(args.image, size, name="--image",
+                      resize_first=resizes_first(config.data.flavour, inference=True))
   maps = compute(loaded, pixels, args.question, answer=args.answer, layer=args.layer,
                  head=args.head, max_new_tokens=args.max_new_tokens)
   path = draw(maps, pixels, args.output)

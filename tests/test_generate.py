@@ -1,7 +1,6 @@
 """Generation: the cached path equals re-running the whole model, MMA prefill is really MMA,
 transformers' LLaVA greedy generate, sampling and stopping, sharded = single device, option
 log-probabilities. Tiny random models with the bundled GPT-2 BPE (vocabulary ~50k)."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +20,12 @@ from mma_jax.convert.transfer import build_with_params
 from mma_jax.data.images import preprocess
 from mma_jax.data.packing import example_fields
 from mma_jax.data.tokenizer import load_tokenizer
-from mma_jax.generate import (Generator, SamplingConfig, default_stop_token_ids, left_pad)
+from mma_jax.generate import (Generator, SamplingConfig, default_stop_token_ids, left_pad,
+                              template_stop_tokens)
 from mma_jax.layout import ChatLayout, Conversation
 from mma_jax.models import build_model
 from mma_jax.sharding import make_mesh
+from mma_jax.templates import get_template, official_aki
 
 N = 3            # image tokens per image (perceiver latents)
 SIZE = 16        # image size
@@ -298,10 +299,19 @@ def test_top_k_and_top_p_keep_exactly_the_best_tokens(text_gen):
     assert first <= set(allowed.tolist()) and len(first) >= 2, (settings, first)
 
 
+def test_phi3_stops_where_phi35_does_in_both_flavours():
+  # generation_config.json of Phi-3.5-mini: eos_token_id [32007, 32001, 32000]; the official AKI
+  # generate passes no other (not <|endofchunk|>, the official caption end)
+  for template in (get_template("phi3"), official_aki("phi3", "<s>", "<|endoftext|>")):
+    assert template_stop_tokens(template) == ("<|assistant|>", "<|end|>", "<|endoftext|>")
+  assert template_stop_tokens(get_template("llama3")) == ("<|eot_id|>", "<|end_of_text|>")
+
+
 def test_stops_and_lengths(text_gen, monkeypatch):
   gen, conversations, greedy = text_gen
+  # Phi-3.5's generation_config.json stops on <|end|>, <|assistant|>, <|endoftext|>
   assert default_stop_token_ids(gen.layout) == tuple(
-      gen.tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"]))
+      gen.tokenizer.convert_tokens_to_ids(["<|assistant|>", "<|end|>", "<|endoftext|>"]))
   assert all(g.finish_reason == "length" for g in greedy)
   ids, text = greedy[1].token_ids, greedy[1].text
   assert all(len(g.token_ids) == 8 for g in greedy)     # max_new_tokens

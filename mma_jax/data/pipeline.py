@@ -3,7 +3,8 @@
     source (tfds.data_source or any len/getitem source)
       [this process's shard] -> shuffle (a new order every epoch) -> repeat
       -> MakeExample: read the record, lay out the conversation or caption, truncate or drop
-         what is too long, decode + resize its images (uint8)           (reader threads, or
+         what is too long, decode + resize its images (uint8; with augment, the SFT crop +
+         flip drawn from (seed, record index, epoch))                  (reader threads, or
          worker processes with num_workers > 0: they see the same elements in the same order)
       -> RowIterator: windows of `pack_window` examples, first-fit packed into rows (or one per
          padded row); counts kept, truncated and skipped examples        (main process)
@@ -42,7 +43,8 @@ import numpy as np
 
 from mma_jax.data.packing import (TOKEN_FIELDS, example_fields, first_fit, merge_row, num_images,
                                   truncate_answer)
-from mma_jax.data.images import NORMALIZATION, ImageError, normalize, resize_rgb
+from mma_jax.data.images import (NORMALIZATION, ImageError, apply_augmentation, augment_rng,
+                                 draw_augmentation, normalize, resize_rgb, resizes_first)
 from mma_jax.layout import ChatLayout, Conversation, ConversationError
 
 logger = logging.getLogger(__name__)
@@ -127,15 +129,16 @@ class SkipExample(ValueError):
 
 
 class MakeExample(grain.transforms.Map):
-  """Record -> example dict (TOKEN_FIELDS [L], images [n, S, S, 3] uint8 resized, truncated,
-  id) or a skip record {skip: reason, id, message}. Module level and picklable: worker processes
-  receive it; the tokenizer and layout are built lazily in each process."""
+  """Record -> {examples: [example dict (TOKEN_FIELDS [L], images [n, S, S, 3] uint8 resized,
+  truncated, id), ...]} (one example, or one per turn with data.flavour=official) or a skip
+  record {skip: reason, id, message}. Module level and picklable: worker processes receive it;
+  the tokenizer and layout are built lazily in each process."""
 
   def __init__(self, *, dataset: str, tokenizer, template: str, mask_mode: str,
                num_image_tokens: int, max_length: int, too_long: str, images_per_row: int,
-               image_size: int, system_prompt: str | None = None):
+               image_size: int, system_prompt: str | None = None, flavour: str = "default"):
     self.read = READERS[dataset]
-    self.system_prompt = system_prompt
+    self.system_prompt, self.flavour = system_prompt, flavour
     self.tokenizer, self.template, self.mask_mode = tokenizer, template, mask_mode
     self.num_image_tokens, self.max_length, self.too_long = num_image_tokens, max_length, too_long
     self.images_per_row, self.image_size = images_per_row, image_size
@@ -154,8 +157,9 @@ class MakeExample(grain.transforms.Map):
         tokenizer = self.tokenizer
         if isinstance(tokenizer, str):   # a tokenizer source: "gpt2" or a local directory
           from mma_jax.data.tokenizer import load_tokenizer
-          tokenizer, _ = load_tokenizer(tokenizer, self.template)
-        self._layout = ChatLayout(self.template, tokenizer, self.num_image_tokens, self.mask_mode)
+          tokenizer, _ = load_tokenizer(tokenizer, self.template, self.flavour)
+        self._layout = ChatLayout(self.template, tokenizer, self.num_image_tokens, self.mask_mode,
+                                  self.flavour)
       return self._layout
 
   def map(self, record):
@@ -166,19 +170,23 @@ class MakeExample(grain.transforms.Map):
       except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise SkipExample("malformed_row", f"cannot read the record: {e!r}") from None
       label = item.id
-      return self.example(item)
+      return {"examples": self.examples(item)}
     except (SkipExample, ConversationError, ImageError) as e:
       return {"skip": e.reason, "id": label, "message": str(e)}
     except Exception as e:  # noqa: BLE001  a long run outlives one bad example; it is counted
       return {"skip": f"unexpected_{type(e).__name__}", "id": label, "message": repr(e)}
 
-  def example(self, item: LayoutInput) -> dict:
+  def examples(self, item: LayoutInput) -> list[dict]:
     layout = self.layout()
     with self._lock:   # a fast tokenizer must not be called from two threads at once
       if item.caption is not None:
-        example = layout.caption(item.caption, num_images=len(item.images))
+        laid_out = [layout.caption(item.caption, num_images=len(item.images))]
       else:
-        example = layout.conversation(with_system(item.conversation, self.system_prompt))
+        laid_out = layout.training_examples(with_system(item.conversation, self.system_prompt))
+    return [self.fit(example, item) for example in laid_out]
+
+  def fit(self, example, item: LayoutInput) -> dict:
+    """A laid-out example cut or refused at max_length, with its images decoded and resized."""
     fields = example_fields(example)
     truncated = example.length > self.max_length
     if truncated:
@@ -196,8 +204,41 @@ class MakeExample(grain.transforms.Map):
     # never decoded.
     images = np.zeros((count, self.image_size, self.image_size, 3), np.uint8)
     for k in range(count):
-      images[k] = resize_rgb(item.images[k], self.image_size, name=f"{item.id} image {k}")
+      images[k] = resize_rgb(item.images[k], self.image_size, name=f"{item.id} image {k}",
+                             resize_first=resizes_first(self.flavour, inference=False))
     return {**fields, "images": images, "truncated": truncated, "id": item.id}
+
+
+def _with_index(index: int, record) -> tuple[int, Any]:
+  """A source record with the index grain reads it at (its index in the source, plus the epoch
+  times the source's length: grain passes the epoch down to the source)."""
+  return index, record
+
+
+class ReadRecord(grain.transforms.MapWithIndex):
+  """(the source index grain read the record at, record) at `index` of the repeated stream ->
+  MakeExample's output, with the official SFT augmentation (data.augment) applied to its
+  examples' images: one draw (crop + flip) per example, shared by that example's images as
+  torchvision applies one draw to a sample's stacked images, from the generator of (seed,
+  record index, epoch); the epoch is index // epoch_length. So every epoch crops a record anew,
+  and a resumed run, any read_threads, num_workers or process count draw the same pixels for a
+  record."""
+
+  def __init__(self, make_example: MakeExample, *, augment: bool, seed: int, num_records: int,
+               epoch_length: int):
+    self.make_example, self.augment = make_example, augment
+    self.seed, self.num_records, self.epoch_length = seed, num_records, epoch_length
+
+  def map_with_index(self, index: int, element):
+    read_at, record = element
+    out = self.make_example.map(record)
+    if self.augment and "examples" in out:
+      rng = augment_rng(self.seed, read_at % self.num_records, index // self.epoch_length)
+      for example in out["examples"]:
+        if len(example["images"]):
+          aug = draw_augmentation(example["images"].shape[1], rng)
+          example["images"] = np.stack([apply_augmentation(im, aug) for im in example["images"]])
+    return out
 
 
 # -------------------------------------------------------------------------------------- counts
@@ -277,11 +318,12 @@ class RowIterator(grain.DatasetIterator):
           logger.warning("skipped example %s (%s): %s", record["id"], record["skip"],
                          record["message"])
         continue
-      self.counts.examples += 1
-      self.counts.truncated += bool(record["truncated"])
-      if record["truncated"] and not quiet:
-        logger.info("truncated example %s to max_length %d", record["id"], self.max_length)
-      records.append(record)
+      for example in record["examples"]:
+        self.counts.examples += 1
+        self.counts.truncated += bool(example["truncated"])
+        if example["truncated"] and not quiet:
+          logger.info("truncated example %s to max_length %d", example["id"], self.max_length)
+        records.append(example)
     if self.packing:
       groups = first_fit([len(r["tokens"]) for r in records],
                                  [len(r["images"]) for r in records],
@@ -335,7 +377,7 @@ def batch_shapes(config, *, batch_size: int) -> dict[str, tuple[tuple[int, ...],
   """(shape, dtype) of every batch-contract field the pipeline of `config` hands a step of
   `batch_size` rows (what BatchIterator stacks), for tracing programs without data."""
   data, vision = config.data, config.model.vision
-  size = data.image_size or vision.image_size
+  size = data.image_size or (vision.image_size if vision else 0)   # text-only: no image bytes
   length = data.max_length
   shapes = {name: ((batch_size, length), np.dtype(np.int32)) for name in TOKEN_FIELDS}
   shapes["loss_mask"] = ((batch_size, length), np.dtype(np.float32))
@@ -403,6 +445,9 @@ class DataPipeline:
     the same either way). read_threads: reader threads per process.
   process_index / process_count: this JAX process's shard (default: jax.process_index/count).
   system_prompt: conversations' system prompt (None: the template's default; "": none).
+  flavour: "default", or "official": the phi3 template as the official AKI code lays it out.
+  augment: the official SFT image augmentation (random resized crop, scale 0.5-1, + horizontal
+    flip; images.py), drawn from (seed, record index, epoch): training data only.
   """
 
   def __init__(self, source, *, dataset: str, tokenizer, num_image_tokens: int, batch_size: int,
@@ -411,7 +456,8 @@ class DataPipeline:
                image_size: int = 384, image_norm: str = "siglip", seed: int = 0,
                shuffle: bool = True, num_epochs: int | None = None, pack_window: int = 128,
                num_workers: int = 0, read_threads: int = 8, process_index: int | None = None,
-               process_count: int | None = None, system_prompt: str | None = None):
+               process_count: int | None = None, system_prompt: str | None = None,
+               flavour: str = "default", augment: bool = False):
     checks = {
         "dataset": (dataset in READERS, f"one of {', '.join(READERS)}"),
         "too_long": (too_long in ("truncate", "drop"), "truncate or drop"),
@@ -437,10 +483,12 @@ class DataPipeline:
     self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
     self.pack_window, self.num_workers, self.read_threads = pack_window, num_workers, read_threads
     self.process_index, self.process_count = process_index, process_count
+    self.augment = augment
     self.make_example = MakeExample(
         dataset=dataset, tokenizer=tokenizer, template=template, mask_mode=mask_mode,
         num_image_tokens=num_image_tokens, max_length=max_length, too_long=too_long,
-        images_per_row=images_per_row, image_size=image_size, system_prompt=system_prompt)
+        images_per_row=images_per_row, image_size=image_size, system_prompt=system_prompt,
+        flavour=flavour)
 
   @classmethod
   def from_config(cls, config, *, split: str, num_image_tokens: int, training: bool = True,
@@ -467,14 +515,15 @@ class DataPipeline:
         image_norm=vision.family if data.image_norm == "auto" else data.image_norm,
         seed=data.seed, shuffle=training, num_epochs=None if training else 1,
         pack_window=data.pack_window, num_workers=data.num_workers,
-        read_threads=data.read_threads, system_prompt=data.system_prompt)
+        read_threads=data.read_threads, system_prompt=data.system_prompt, flavour=data.flavour,
+        augment=data.augment and training)
     kwargs.update(overrides)
     source = tfds.data_source(data.dataset, split=split, data_dir=data.data_dir or None)
     return cls(source, **kwargs)
 
   def examples(self) -> grain.IterDataset:
     """Example (or skip) records of this process's shard, in order, before packing."""
-    ds = grain.MapDataset.source(self.source)
+    ds = grain.MapDataset.source(self.source).map_with_index(_with_index)
     per_process = len(ds) // self.process_count   # equal shards: every process makes as many
     if per_process == 0:
       raise ValueError(f"data: {len(ds)} records cannot be shared by {self.process_count} "
@@ -486,7 +535,9 @@ class DataPipeline:
     ds = ds[self.process_index:per_process * self.process_count:self.process_count]
     if self.shuffle:
       ds = ds.shuffle(seed=self.seed)
-    ds = ds.repeat(self.num_epochs).map(self.make_example)
+    ds = ds.repeat(self.num_epochs).map_with_index(ReadRecord(
+        self.make_example, augment=self.augment, seed=self.seed, num_records=len(self.source),
+        epoch_length=per_process))
     options = grain.ReadOptions(num_threads=self.read_threads,
                                 prefetch_buffer_size=self.pack_window)
     records = ds.to_iter_dataset(options)

@@ -13,7 +13,7 @@ import pathlib
 
 from transformers import AddedToken, AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
-from mma_jax.templates import ChatTemplate, required_special_tokens
+from mma_jax.templates import END_OF_CHUNK, IMAGE_TOKEN, ChatTemplate, required_special_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,35 @@ def add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens) -> list[str]:
   return missing
 
 
-def load_tokenizer(source: str, template: str | ChatTemplate
+def add_official_aki_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+  """The tokens the official AKI factory adds, in its order, so that the ids match an official
+  checkpoint (src/factory.py): `<pad>` when the tokenizer has no pad token or pads with EOS
+  (Phi-3.5 does), then `<image>` and `<|endofchunk|>`. An AKI checkpoint's own tokenizer files
+  already hold them: nothing is added then."""
+  added = []
+  if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+    tokenizer.add_special_tokens({"pad_token": AddedToken("<pad>", special=True, normalized=False)})
+    added.append("<pad>")
+  return added + add_special_tokens(tokenizer, (IMAGE_TOKEN, END_OF_CHUNK))
+
+
+def load_tokenizer(source: str, template: str | ChatTemplate, flavour: str = "default"
                    ) -> tuple[PreTrainedTokenizerBase, list[str]]:
-  """The tokenizer named by `data.tokenizer` ("gpt2" or a local directory), ready for `template`.
+  """The tokenizer named by `data.tokenizer` ("gpt2" or a local directory), ready for `template`
+  (with data.flavour=official: holding the official AKI factory's added tokens).
 
   Returns the tokenizer and the special tokens that were missing and have been added.
   """
   tokenizer = bundled_gpt2_tokenizer() if source == BUNDLED_GPT2 else local_tokenizer(source)
-  return tokenizer, add_special_tokens(tokenizer, required_special_tokens(template))
+  added = add_official_aki_tokens(tokenizer) if flavour == "official" else []
+  return tokenizer, added + add_special_tokens(tokenizer, required_special_tokens(template))
+
+
+def config_layout(config, num_image_tokens: int):
+  """The ChatLayout a run config asks for (data.tokenizer, data.template, data.flavour and
+  attention.mask), for prompts at evaluation and in tools; its tokenizer is `layout.tokenizer`."""
+  from mma_jax.layout import ChatLayout
+
+  data = config.data
+  tokenizer, _ = load_tokenizer(data.tokenizer, data.template, data.flavour)
+  return ChatLayout(data.template, tokenizer, num_image_tokens, config.attention.mask, data.flavour)

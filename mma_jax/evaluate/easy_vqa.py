@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from mma_jax.data.images import preprocess
+from mma_jax.data.images import preprocess, resizes_first
 from mma_jax.data.packing import example_fields, merge_row
 from mma_jax.data.pipeline import _text, easy_vqa_input, with_system
 from mma_jax.layout import ChatLayout
@@ -70,7 +70,7 @@ def evaluate(graphdef, params, frozen, layout: ChatLayout, source, *, image_size
              image_norm: str, batch_size: int, max_length: int, limit: int = 0,
              system_prompt: str | None = None, mesh: Mesh | None = None,
              on_result: Callable[[int, dict, bool], None] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, resize_first: bool = False) -> dict:
   """{question type: (correct, total)} over `source` (a tfds easy_vqa split).
 
   With a mesh, each batch is split over its data x fsdp axes (padded to a multiple of them).
@@ -101,7 +101,8 @@ def evaluate(graphdef, params, frozen, layout: ChatLayout, source, *, image_size
       conversation = with_system(item.conversation, system_prompt)
       rows.append(merge_row([example_fields(layout.conversation(conversation))],
                             max_length, layout.num_image_tokens))
-      images.append(preprocess(item.images[0], image_size, image_norm))
+      images.append(preprocess(item.images[0], image_size, image_norm,
+                               resize_first=resize_first))
     pad = rows_per_batch - len(rows)   # a full batch keeps one compiled shape
     rows += [rows[-1]] * pad
     images += [images[-1]] * pad
@@ -148,18 +149,18 @@ def evaluate_config(config, graphdef, params, frozen, *, mesh: Mesh | None = Non
   import tensorflow_datasets as tfds
 
   import mma_jax.data  # noqa: F401  registers the builders
-  from mma_jax.data.tokenizer import load_tokenizer
+  from mma_jax.data.tokenizer import config_layout
   from mma_jax.train.loop import image_tokens
 
   data, vision = config.data, config.model.vision
   source = lambda split: tfds.data_source("easy_vqa", split=split, data_dir=data.data_dir or None)
-  tokenizer, _ = load_tokenizer(data.tokenizer, data.template)
-  layout = ChatLayout(data.template, tokenizer, image_tokens(config), mode=config.attention.mask)
+  layout = config_layout(config, image_tokens(config))
   tally = evaluate(graphdef, params, frozen, layout, source(data.eval_split),
                    image_size=data.image_size or vision.image_size,
                    image_norm=vision.family if data.image_norm == "auto" else data.image_norm,
                    batch_size=config.eval.batch_size, max_length=data.max_length,
                    limit=config.eval.limit, system_prompt=data.system_prompt, mesh=mesh,
-                   on_result=on_result, progress=progress)
+                   on_result=on_result, progress=progress,
+                   resize_first=resizes_first(data.flavour, inference=True))
   majority, text_only = baselines(source(data.train_split), source(data.eval_split))
   return report(tally, majority, text_only)

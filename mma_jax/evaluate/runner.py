@@ -16,12 +16,12 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from mma_jax.data.images import ImageError, resize_rgb
+from mma_jax.data.images import ImageError, resize_rgb, resizes_first
 from mma_jax.evaluate import prompts, scoring
 from mma_jax.evaluate.loading import LoadedModel
 from mma_jax.evaluate.report import build_report
 from mma_jax.evaluate.tsv import Benchmark, Question, Skipped
-from mma_jax.layout import ChatLayout, ConversationError
+from mma_jax.layout import ConversationError
 from mma_jax.sharding import batch_shards
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class TsvRun:
   def __init__(self, loaded: LoadedModel, benchmark: Benchmark, mode: str = "generate",
                generator=None):
     """generator: a mma_jax.generate.Generator for the loaded model (default: built here)."""
-    from mma_jax.data.tokenizer import load_tokenizer
+    from mma_jax.data.tokenizer import config_layout
     from mma_jax.train.loop import image_tokens
 
     config = loaded.config
@@ -128,13 +128,14 @@ class TsvRun:
     data, vision = config.data, config.model.vision
     self.image_size = data.image_size or vision.image_size
     image_norm = vision.family if data.image_norm == "auto" else data.image_norm
-    tokenizer, _ = load_tokenizer(data.tokenizer, data.template)
-    self.layout = ChatLayout(data.template, tokenizer, image_tokens(config),
-                             mode=config.attention.mask)
+    self.resize_first = resizes_first(data.flavour, inference=True)
+    self.layout = config_layout(config, image_tokens(config))
+    tokenizer = self.layout.tokenizer
     if generator is None:
       from mma_jax.generate import Generator
       generator = Generator(loaded.model, self.layout, tokenizer, image_size=self.image_size,
-                            image_norm=image_norm, mesh=loaded.mesh)
+                            image_norm=image_norm, mesh=loaded.mesh,
+                            resize_first=self.resize_first)
     self.generator = generator
     shards = batch_shards(loaded.mesh)
     # Full batches, split evenly over data x fsdp: one compiled shape, no idle device.
@@ -157,7 +158,8 @@ class TsvRun:
                               f"answer it needs {need} positions, the model has "
                               f"{self.max_positions}")
     label = f"{self.benchmark.path} index {question.index}"
-    images = [resize_rgb(image, self.image_size, name=label) for image in question.images]
+    images = [resize_rgb(image, self.image_size, name=label, resize_first=self.resize_first)
+              for image in question.images]
     return Prepared(question, conversation, images)
 
   def batches(self, questions: list[Question], skipped: list[Skipped],
