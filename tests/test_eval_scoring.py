@@ -208,6 +208,14 @@ def test_prompts_follow_the_sft_task_prompts(tmp_path):
   assert prompts.user_text(question, "multiple_choice") == (
       "<image>\nA hint.\nWhich?\nOptions:\nA. red\nB. blue\n"
       "Answer with the option's letter from the given choices directly.")
+  # data.flavour=official: as the official eval_cv_bench/eval.py asks (hint as ScienceQA's Context)
+  assert prompts.user_text(question, "multiple_choice", "official") == (
+      "<image>\nAnswer with the option's letter from the given choices directly. Which?\n"
+      "Context: A hint.\nOptions:\nA. red\nB. blue\n")
+  question.hint = ""
+  assert prompts.user_text(question, "multiple_choice", "official") == (
+      "<image>\nAnswer with the option's letter from the given choices directly. Which?\n"
+      "Options:\nA. red\nB. blue\n")
   question.question = "Is it red?"
   assert prompts.user_text(question, "yes_no") == "<image>\nIs it red? Please answer yes or no."
   question.question = "Is it red? Please answer yes or no."

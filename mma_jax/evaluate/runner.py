@@ -150,7 +150,8 @@ class TsvRun:
   # -------------------------------------------------------------------------------- preparing
   def prepare(self, question: Question) -> Prepared:
     config = self.loaded.config
-    conversation = prompts.conversation(question, self.benchmark.task, config.data.system_prompt)
+    conversation = prompts.conversation(question, self.benchmark.task, config.data.system_prompt,
+                                        config.data.flavour)
     example = self.layout.conversation(conversation, generation_prompt=True)
     need = example.length + (config.eval.max_new_tokens if self.mode == "generate" else 2)
     if need > self.max_positions:
