@@ -18,7 +18,7 @@ OPTIONS = {"A": "blue", "B": "red", "C": "green", "D": "yellow"}
 # ------------------------------------------------------------------------------ multiple choice
 @pytest.mark.parametrize("text, expected", [
     ("The answer is (B) red", "B"),
-    ("b", "B"),
+    ("b", None),                                   # VLMEvalKit: letters are upper case
     ("Answer: C.", "C"),
     ("(D)", "D"),
     ("B. red", "B"),
@@ -27,7 +27,11 @@ OPTIONS = {"A": "blue", "B": "red", "C": "green", "D": "yellow"}
     ("red", "B"),                                  # by the option's text
     ("It is green.", "C"),
     ("I think it is B", "B"),                      # "I" + word is the pronoun, B the option
-    ("The answer is a yellow one", "D"),           # lower-case "a" is not option A
+    ("The answer is a yellow one", "A"),           # VLMEvalKit's "answer is X" takes any case
+    ("answer is d", "D"),
+    ("Option A is wrong; the answer is C.", "C"),  # two letters: "answer is X" decides
+    ("B, because A is wrong", None),               # two letters, no "answer is": no answer
+    ("Sorry, I can't help with images of people yet.", None),   # a refusal
     ("red or blue", None),                         # two options named: no answer
     ("I don't know", None),
     ("E", None),                                   # not an option
@@ -37,16 +41,21 @@ def test_extract_choice(text, expected):
   assert scoring.extract_choice(text, OPTIONS) == expected
 
 
-def test_extract_choice_prefers_the_longest_named_option_and_skips_the_article():
-  assert scoring.extract_choice("It is dark red.", {"A": "red", "B": "dark red"}) == "B"
-  assert scoring.extract_choice("A red circle", {"A": "square", "B": "circle"}) == "B"
+def test_extract_choice_option_texts_and_the_article_as_vlmevalkit():
+  # Option texts match as substrings, so "red" and "dark red" both occur: no answer; a capital
+  # "A" token is option A even as an article (VLMEvalKit's can_infer).
+  assert scoring.extract_choice("It is dark red.", {"A": "red", "B": "dark red"}) is None
+  assert scoring.extract_choice("A red circle", {"A": "square", "B": "circle"}) == "A"
   assert scoring.extract_choice("A", {"A": "square", "B": "circle"}) == "A"
+  assert scoring.extract_choice("Reddish-brown.", {"A": "Black.", "B": "Reddish-brown."}) == "B"
 
 
 @pytest.mark.parametrize("text, expected", [
     ("Yes, there is.", "yes"), ("No.", "no"), ("NO", "no"), ("There is no dog", "no"),
-    ("I would say yes", "yes"), ("yes and no", "yes"), ("Maybe yes, maybe no", None),
-    ("maybe", None), ("", None)])
+    ("I would say yes", "yes"), ("yes and no", None), ("Maybe yes, maybe no", None),
+    ("maybe", None), ("", None), ("**Yes**", None), ("'No'", None), ("Yes\u2026", None),
+    ("yes/no", None), ("Yes,there are 1,000 people.", None), ("Yes,there are 12 people.", "yes"),
+    ("No. Yes, on closer look there is one.", None)])
 def test_extract_yes_no(text, expected):
   assert scoring.extract_yes_no(text) == expected
 
@@ -125,6 +134,14 @@ def test_benchmark_metrics_per_task():
       {"category": "random", "answer": "no", "extracted": "no", "correct": True}])
   assert pope["overall"]["accuracy"] == 0.5 and pope["overall"]["recall"] == 0.0
   assert pope["category"]["random"]["yes_ratio"] == 0.0
+  # a row of "adversarial,popular" counts in both splits and twice overall (VLMEvalKit's POPE)
+  pope = scoring.benchmark_metrics("yes_no", [
+      {"category": "adversarial,popular", "answer": "yes", "extracted": "yes", "correct": True},
+      {"category": "popular", "answer": "no", "extracted": "yes", "correct": False}])
+  assert sorted(pope["category"]) == ["adversarial", "popular"]
+  assert pope["category"]["adversarial"]["n"] == 1 and pope["category"]["popular"]["n"] == 2
+  assert pope["overall"]["n"] == 3 and pope["overall"]["accuracy"] == pytest.approx(2 / 3)
+  assert pope["overall"]["unparsed"] == 0
 
 
 # ------------------------------------------------------------------------------------ TSV reader

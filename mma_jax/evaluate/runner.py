@@ -206,7 +206,7 @@ class TsvRun:
 
   def _generated_row(self, prepared: Prepared, generation) -> dict:
     question, task = prepared.question, self.benchmark.task
-    text = generation.text.strip()
+    text = generation.text     # unstripped, as VLMEvalKit reads a prediction
     if task == "multiple_choice":
       extracted = scoring.extract_choice(text, question.options)
       correct, gold = extracted == question.answers[0], question.answers[0]
@@ -214,7 +214,7 @@ class TsvRun:
       extracted = scoring.extract_yes_no(text)
       correct, gold = extracted == question.answers[0], question.answers[0]
     else:
-      first_line = text.split("\n")[0]
+      first_line = text.strip().split("\n")[0]
       extracted = scoring.normalize_answer(first_line)
       correct = scoring.vqa_match(first_line, question.answers)
       gold = question.answers if len(question.answers) > 1 else question.answers[0]

@@ -1,90 +1,95 @@
 """Answers out of generated text, and the metrics the benchmarks report.
 
-Extraction is rule based (VLMEvalKit falls back to an LLM judge where rules fail; we have none, so
-an unparsed answer counts as wrong and is counted as `unparsed`):
-- multiple choice: the option letter ("B", "b", "(B)", "B.", "Answer: C.", "The answer is (B)
-  red"), else the one option whose text the answer names, else a lone capital option letter;
-- yes/no: the first word when it is yes or no, else the one of the two that occurs;
+Extraction follows VLMEvalKit's rule-based matching (its `exact_matching` judge), so that our
+numbers are the numbers users get from VLMEvalKit; tests/test_vlmeval_parity.py checks this
+against cases run through VLMEvalKit itself (tests/fixtures/vlmevalkit/). VLMEvalKit falls back
+to an LLM judge where the rules fail; we have none, so an unparsed answer counts as wrong and is
+counted as `unparsed`.
+- multiple choice: an option letter standing as a token near the end of the answer, else "answer
+  is X", else the one option whose text occurs in a short answer; None for no answer, several
+  letters, or a refusal (VLMEvalKit's "Z");
+- yes/no: "yes" or "no" when exactly one of them is a word of the answer after VLMEvalKit's
+  punctuation clean-up, else None (VLMEvalKit's "Unknown");
 - short answers: VQA-style normalisation, then exact match against any gold answer.
 
 Metrics are fractions in [0, 1] except the MME score, which is on MME's own scale (per category
-accuracy*100 + accuracy_plus*100, summed over categories).
+accuracy*100 + accuracy_plus*100, summed over categories). POPE rows whose category names several
+splits ("adversarial,popular") count in each of them, and in the overall numbers once per split.
 """
 from __future__ import annotations
 
 import collections
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 # ------------------------------------------------------------------------------ multiple choice
-# "answer is (B)", "Answer: C", "option B", "the correct choice is: D" -- the keyword is matched
-# in any case, the letter only as a capital (so "the answer is a square" names no option).
-_KEYWORD_LETTER = re.compile(
-    r"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?:?\s*\(?([A-Z])(?![A-Za-z])")
-_PARENTHESISED = re.compile(r"\(([A-Z])\)")
-_LEADING = re.compile(r"^([A-Z])\s*[.):]")
-_LONE_CAPITAL = re.compile(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])")
-# Around a bare letter answer: brackets, quotes, markdown bold, trailing punctuation.
-_DECORATION = " \t\n()[]{}<>'\"*`.:,;!"
+# VLMEvalKit's rules (vlmeval/utils/matching_util.py: can_infer = can_infer_option, else
+# can_infer_text), restated:
+# - an answer holding one of the refusal phrases is a refusal (no answer); one holding the API
+#   failure message skips the letter rules;
+# - letters: the answer with .()[],:;!*#{} as spaces, split on white space; when exactly one
+#   option letter is a token (case-sensitive) and its first occurrence is among the last four
+#   tokens, that letter; when no option letter is but "Z" is, a refusal;
+# - else the first "answer is X" (any case, X in A-D, bold allowed) names X if X is an option;
+# - else, for an answer at most twice as long as all option texts together, the one option whose
+#   lower-cased text occurs in the lower-cased answer (as a substring).
+_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+             "I'm sorry, but without the image provided", "Cannot determine the answer")
+_API_FAILURE = "Failed to obtain answer via API"
+_TOKEN_SEPARATORS = re.compile(r"[.()\[\],:;!*#{}]")
+_ANSWER_IS = re.compile(r"answer\s+is\s+\**([abcd])", re.IGNORECASE)
 
 
 def extract_choice(text: str, options: Mapping[str, str]) -> str | None:
   """The option letter `text` answers with, or None. `options`: letter -> option text."""
-  stripped = text.strip()
-  bare = stripped.strip(_DECORATION)
-  if len(bare) == 1 and bare.upper() in options:     # "B", "b", "(B)", "B."
-    return bare.upper()
-  for pattern in (_KEYWORD_LETTER, _PARENTHESISED, _LEADING):
-    for match in pattern.finditer(stripped):
-      if match.group(1) in options:
-        return match.group(1)
-  by_text = _choice_by_text(stripped, options)
-  if by_text is not None:
-    return by_text
-  return _lone_capital(stripped, options)
-
-
-def _simplify(text: str) -> str:
-  """Lower case, punctuation as spaces, single spaces: for matching option texts."""
-  return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+  text = str(text)
+  if _API_FAILURE not in text:
+    if any(phrase in text for phrase in _REFUSALS):
+      return None
+    tokens = _TOKEN_SEPARATORS.sub(" ", text).split()
+    named = [letter for letter in options if letter in tokens]
+    if len(named) == 1 and tokens.index(named[0]) >= len(tokens) - 4:
+      return named[0]
+    if not named and "Z" in tokens:
+      return None
+    match = _ANSWER_IS.search(text)
+    if match and match.group(1).upper() in options:
+      return match.group(1).upper()
+  return _choice_by_text(text, options)
 
 
 def _choice_by_text(text: str, options: Mapping[str, str]) -> str | None:
-  """The one option whose text the answer equals, or else contains as whole words. An option
-  contained in a longer contained option ("red" in "dark red") does not count on its own."""
-  answer = _simplify(text)
-  if not answer:
+  """The one option whose text occurs in a short answer (case-insensitive), else None."""
+  answer = text.lower()
+  if len(answer) > 2 * sum(len(str(option)) for option in options.values()):
     return None
-  texts = {letter: _simplify(option) for letter, option in options.items()}
-  equal = [letter for letter, t in texts.items() if t and t == answer]
-  if len(equal) == 1:
-    return equal[0]
-  contained = {letter: t for letter, t in texts.items() if t and f" {t} " in f" {answer} "}
-  maximal = [letter for letter, t in contained.items()
-             if not any(t != u and f" {t} " in f" {u} " for u in contained.values())]
-  return maximal[0] if len(maximal) == 1 else None
-
-
-def _lone_capital(text: str, options: Mapping[str, str]) -> str | None:
-  """The only capital option letter standing as a word ("B is right"); "A" or "I" followed by a
-  word is the article or the pronoun ("A red circle", "I think"), not an option."""
-  found = set()
-  for match in _LONE_CAPITAL.finditer(text):
-    letter = match.group(1)
-    if letter not in options:
-      continue
-    if letter in "AI" and re.match(r"\s+[a-z]", text[match.end():]):
-      continue
-    found.add(letter)
-  return found.pop() if len(found) == 1 else None
+  found = [letter for letter, option in options.items() if str(option).lower() in answer]
+  return found[0] if len(found) == 1 else None
 
 
 # ----------------------------------------------------------------------------------------- yes/no
+# VLMEvalKit's clean-up before looking for the words (vlmeval/smp/misc.py:process_punctuation):
+# each of these characters is deleted when the text has it next to a space or has a thousands
+# comma ("1,000") anywhere, else turned into a space; then periods not next to a digit are
+# deleted, only the first 32 of them (VLMEvalKit passes re.UNICODE where re.sub takes the count).
+_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
+_THOUSANDS = re.compile(r"\d,\d")
+_LONE_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
+
+
+def _clean_punctuation(text: str) -> str:
+  thousands = _THOUSANDS.search(text) is not None
+  out = text
+  for char in _PUNCTUATION:
+    delete = thousands or f"{char} " in text or f" {char}" in text
+    out = out.replace(char, "" if delete else " ")
+  return _LONE_PERIOD.sub("", out, count=32)
+
+
 def extract_yes_no(text: str) -> str | None:
-  """"yes", "no" or None: the first word if it is one of them, else the one that occurs."""
-  words = re.sub(r"[^a-z]", " ", text.lower()).split()
-  if words and words[0] in ("yes", "no"):
-    return words[0]
+  """"yes" or "no" when just one of the two is a word of the cleaned-up, lower-cased answer;
+  None when both or neither are ("Yes and no", "**Yes**", "yes/no", "Yes…")."""
+  words = _clean_punctuation(str(text).lower()).split()
   has_yes, has_no = "yes" in words, "no" in words
   if has_yes != has_no:
     return "yes" if has_yes else "no"
@@ -130,6 +135,20 @@ def grouped(rows: Sequence[Mapping], key: str, metric) -> dict[str, dict]:
     if row.get(key) not in (None, ""):
       groups[str(row[key])].append(row)
   return {name: metric(groups[name]) for name in sorted(groups)}
+
+
+def split_categories(rows: Sequence[Mapping]) -> list[Mapping]:
+  """POPE rows once per split their category names: "adversarial,popular" is a row of
+  adversarial and one of popular (as VLMEvalKit's POPE_rating counts them, in the overall numbers
+  too). The parts are taken as written, spaces included; rows without a category stay once."""
+  out = []
+  for row in rows:
+    category = row.get("category")
+    if category in (None, "") or "," not in str(category):
+      out.append(row)
+    else:
+      out.extend({**row, "category": part} for part in str(category).split(","))
+  return out
 
 
 def pope_metrics(gold: Sequence[str], predicted: Sequence[str | None]) -> dict:
@@ -208,7 +227,9 @@ def benchmark_metrics(scoring: str, rows: Sequence[Mapping]) -> dict:
   if scoring == "yes_no":
     pope = lambda group: pope_metrics([r["answer"] for r in group],
                                       [r["extracted"] for r in group])
-    return {"overall": pope(rows) | unparsed, "category": grouped(rows, "category", pope)}
+    per_split = split_categories(rows)
+    return {"overall": pope(per_split) | unparsed,
+            "category": grouped(per_split, "category", pope)}
   plain = lambda group: accuracy(r["correct"] for r in group)
   metrics = {"overall": plain(rows) | (unparsed if scoring == "multiple_choice" else {})}
   for key in ("category", "l2_category", "split"):
