@@ -265,6 +265,9 @@ class ChatLayout:
     return ids, to_token
 
 
+_OWN_IMAGE_LINE = re.compile(f"{re.escape(IMAGE_TOKEN)}\n|\n{re.escape(IMAGE_TOKEN)}")
+
+
 def single_turns(conversation: Conversation) -> list[Conversation]:
   """A conversation split as the official AKI code splits LLaVA conversations
   (llava_dataset.py load_data): one conversation per (user, assistant) pair, each with the system
@@ -279,7 +282,7 @@ def single_turns(conversation: Conversation) -> list[Conversation]:
   singles = []
   for (_, question), (_, answer) in zip(turns[::2], turns[1::2]):
     if conversation.num_images:
-      question = IMAGE_TOKEN + "\n" + re.sub(r"<image>\n|\n<image>", "", question)
+      question = IMAGE_TOKEN + "\n" + _OWN_IMAGE_LINE.sub("", question)
     singles.append(Conversation([("user", question), ("assistant", answer)],
                                 num_images=conversation.num_images, system=conversation.system))
   return singles
