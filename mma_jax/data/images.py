@@ -33,6 +33,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from mma_jax.templates import FLAVOURS
+
 # Per-channel (mean, std) applied after scaling pixels to [0, 1], as the HF image processors do.
 NORMALIZATION = {
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -115,8 +117,8 @@ def resizes_first(flavour: str, *, inference: bool) -> bool:
   before that same transform (train/data.py decodes webdataset images with "pilrgb";
   sft_data_utils/base.py opens them with `.convert("RGB")`). So training data is converted
   first under both flavours and only prompts (generation, evaluation, pictures) differ."""
-  if flavour not in ("default", "official"):
-    raise ValueError(f"unknown data.flavour {flavour!r}; choose default or official")
+  if flavour not in FLAVOURS:
+    raise ValueError(f"unknown data.flavour {flavour!r}; choose one of: {', '.join(FLAVOURS)}")
   return flavour == "official" and inference
 
 
