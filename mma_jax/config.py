@@ -222,6 +222,7 @@ class TrainConfig:
   weight_decay: float = 0.01            # on Linear kernels; never norms, biases, latents
   decay_embeddings: bool = False         # AKI: no decay on the input embeddings
   connector_lr_scale: float = 1.0        # connector learning rate = this x learning_rate
+  vision_lr_scale: float = 1.0           # vision tower learning rate = this x learning_rate
   clip_norm: float = 1.0
   adam_b1: float = 0.9
   adam_b2: float = 0.999

@@ -103,6 +103,27 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
+def test_connector_and_vision_learning_rate_scales():
+  """Adam's first step moves every parameter by its learning rate (m / sqrt(v) = sign of the
+  gradient), so each module's largest step shows its own rate; unscaled modules share one group."""
+  config = tiny_config(learning_rate=0.1, min_learning_rate=0.1, weight_decay=0.0,
+                       connector_lr_scale=0.5, vision_lr_scale=3.0)
+  config.train.warmup_steps = 0
+  config.model.freeze_vision = False
+  graphdef, state, optimizer = init_train_state(config)
+  params = state["params"]
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
+  updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
+  step = {name: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(updates[name]))
+          for name in ("vision", "connector", "llm")}
+  np.testing.assert_allclose([step["vision"], step["connector"], step["llm"]], [0.3, 0.05, 0.1],
+                             rtol=1e-4)
+  plain = tiny_config()
+  plain.model.freeze_vision = False
+  groups = init_train_state(plain)[2].init(params)[1].inner_states
+  assert set(groups) == {"main"}
+
+
 def test_frozen_tower_is_untouched_and_has_no_optimizer_state():
   config = tiny_config()
   graphdef, state, optimizer = init_train_state(config)

@@ -1,5 +1,6 @@
 """AdamW with warmup + cosine decay to a floor, global-norm clipping, weight decay on Linear
-kernels only, and a separate learning rate for the connector. Frozen parameters never reach the
+kernels only, and separate learning rates for the connector and the vision tower (LLaVA-style
+recipes train a tower slower than the rest; a tower trained from scratch may want it faster). Frozen parameters never reach the
 optimizer (train/state.py splits them off), so they get neither updates nor state."""
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ def _decays(path, decay_embeddings: bool) -> bool:
   return names[-1] == "kernel" or (decay_embeddings and names[-1] == "embedding")
 
 
-def _group(path) -> str:
-  return "connector" if _names(path)[0] == "connector" else "main"
+def _scales(t: TrainConfig) -> dict[str, float]:
+  """Learning-rate scale per parameter group; a module gets its own group (and its own slot in the
+  optimizer state) only when its scale is not 1."""
+  modules = {"connector": t.connector_lr_scale, "vision": t.vision_lr_scale}
+  return {"main": 1.0, **{name: s for name, s in modules.items() if s != 1.0}}
 
 
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
@@ -36,7 +40,9 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
         mask=lambda params: jax.tree_util.tree_map_with_path(
             lambda path, _: _decays(path, t.decay_embeddings), params))
 
-  labels = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: _group(path), params)
+  scales = _scales(t)
+  group = lambda path, _: _names(path)[0] if _names(path)[0] in scales else "main"
+  labels = lambda params: jax.tree_util.tree_map_with_path(group, params)
   return optax.chain(
       optax.clip_by_global_norm(t.clip_norm),
-      optax.multi_transform({"main": adamw(1.0), "connector": adamw(t.connector_lr_scale)}, labels))
+      optax.multi_transform({name: adamw(s) for name, s in scales.items()}, labels))
