@@ -54,6 +54,7 @@ class Question:
   category: str = ""
   l2_category: str = ""
   split: str = ""
+  prompt: str = ""                 # a ready-made prompt cell (CV-Bench's `prompt` column)
 
 
 @dataclasses.dataclass
@@ -192,7 +193,8 @@ def _question(cells: dict, index: str, number: int, task: str, letters: list[str
                   image_key=key, options=options,
                   hint=cells["hint"] if _present(cells.get("hint")) else "",
                   category=cells.get("category", ""), l2_category=cells.get("l2-category", ""),
-                  split=cells.get("split", ""))
+                  split=cells.get("split", ""),
+                  prompt=cells["prompt"] if _present(cells.get("prompt")) else "")
 
 
 def _option_letter(answer: str, options: dict[str, str]) -> str:
