@@ -11,7 +11,8 @@ checkpoint (config.yaml + params/) on a benchmark, sharded over the config's mes
                   CV-Bench, MME, POPE, short-answer VQA); a bare NAME is NAME.tsv in --data-dir
 
 Prints per-category lines and the headline metrics last; with --output writes report.json,
-report.md and predictions.jsonl there. Exit 2: a missing checkpoint, an unknown benchmark, an
+report.md and predictions.jsonl there (a benchmark file's predictions as each batch finishes:
+re-running the same command after an interruption answers only the rest). Exit 2: a missing checkpoint, an unknown benchmark, an
 unreadable file or a bad option.
 """
 from __future__ import annotations
@@ -37,7 +38,12 @@ def parse_args(argv):
   parser.add_argument("--max-new-tokens", type=int, help="eval.max_new_tokens")
   parser.add_argument("--mode", choices=("generate", "loglik"), default="generate",
                       help="multiple choice: generate and extract the letter (default), or pick "
-                           "the option letter of highest log-likelihood")
+                           "the option of highest log-likelihood as the answer")
+  parser.add_argument("--loglik-choices", choices=("text", "letter"), default="text",
+                      help="--mode loglik scores each option's text (default) or its letter")
+  parser.add_argument("--length-normalized", action="store_true",
+                      help="--mode loglik ranks by the mean log-probability per token of an "
+                           "option instead of the sum")
   parser.add_argument("--task", choices=("multiple_choice", "yes_no", "vqa"),
                       help="override the task detected from the TSV")
   parser.add_argument("--mask", help="attention mask mode (attention.mask): causal, mma, ...")
@@ -84,6 +90,7 @@ def main(argv=None) -> int:
   from mma_jax.convert.safetensors_io import CheckpointError
   from mma_jax.evaluate import report as reports
   from mma_jax.evaluate.loading import CheckpointNotFound, load_for_eval
+  from mma_jax.evaluate.predictions import PredictionLog, PredictionsError
   from mma_jax.evaluate.runner import EvalError, TsvRun, run_easy_vqa
   from mma_jax.evaluate.tsv import BenchmarkError, read_tsv
   from mma_jax.sharding import initialize_distributed, is_main_process
@@ -103,10 +110,15 @@ def main(argv=None) -> int:
     if benchmark is None:
       report, predictions, lines = run_easy_vqa(loaded, progress)
     else:
-      report, predictions = TsvRun(loaded, benchmark, args.mode).run(progress=progress)
+      run = TsvRun(loaded, benchmark, args.mode, loglik_choices=args.loglik_choices,
+                   length_normalized=args.length_normalized)
+      # Predictions are appended as batches finish: the same command after a kill resumes.
+      log = (PredictionLog(args.output, run.identity())
+             if args.output and is_main_process() else None)
+      report, predictions = run.run(progress=progress, log=log)
       lines = reports.summary_lines(report)
   except (FileNotFoundError, BenchmarkError, CheckpointNotFound, CheckpointError, ConfigError,
-          EvalError, TrainingError) as e:
+          EvalError, PredictionsError, TrainingError) as e:
     return fail(e)
   if not is_main_process():
     return 0

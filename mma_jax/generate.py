@@ -298,12 +298,30 @@ class Generator:
     tokens as the assistant's answer (its end-of-answer token excluded), teacher-forced under the
     layout's mask (MMA: the images see the question, never the option). One forward per pair,
     batched `len(conversations)` pairs at a time."""
+    pixels = self._preprocess(conversations, images)
+    pairs = [(fields, pics) for fields_list, pics in
+             zip(self._option_fields(conversations, options), pixels) for fields in fields_list]
+    size = round_up(max(len(conversations), 1), self.batch_shards)
+    scores = []
+    for start in range(0, len(pairs), size):
+      scores += self._score_pairs(pairs[start:start + size], size)
+    return _regroup(scores, options)
+
+  def option_lengths(self, conversations: list[Conversation],
+                     options: list[list[str]]) -> list[list[int]]:
+    """The number of tokens `option_logprobs` sums over, per option (for length-normalising)."""
+    return [[int(f["loss_mask"].sum()) for f in fields_list]
+            for fields_list in self._option_fields(conversations, options)]
+
+  def _option_fields(self, conversations, options) -> list[list[dict]]:
+    """Per conversation, per option: the answered conversation's fields with only the option's
+    own tokens in the loss mask."""
     if len(options) != len(conversations):
       raise ValueError(f"{len(options)} option lists for {len(conversations)} conversations")
-    pixels = self._preprocess(conversations, images)
-    pairs = []
-    for conversation, pics, opts in zip(conversations, pixels, options):
+    out = []
+    for conversation, opts in zip(conversations, options):
       prompt = self.layout.conversation(conversation, generation_prompt=True).length
+      fields_list = []
       for option in opts:
         answered = Conversation(list(conversation.turns) + [("assistant", option)],
                                 conversation.num_images, conversation.system)
@@ -313,15 +331,8 @@ class Generator:
         fields["loss_mask"][:prompt - 1] = 0
         trained = np.flatnonzero(fields["loss_mask"])
         fields["loss_mask"][trained[len(trained) - self._answer_tail_tokens:]] = 0
-        pairs.append((fields, pics))
-    size = round_up(max(len(conversations), 1), self.batch_shards)
-    scores = []
-    for start in range(0, len(pairs), size):
-      scores += self._score_pairs(pairs[start:start + size], size)
-    out, at = [], 0
-    for opts in options:
-      out.append(scores[at:at + len(opts)])
-      at += len(opts)
+        fields_list.append(fields)
+      out.append(fields_list)
     return out
 
   # ----------------------------------------------------------------------------------- helpers
@@ -481,3 +492,12 @@ def _score(graphdef, state, batch, *, slots: int):
   picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
   weight = jnp.take_along_axis(batch["loss_mask"], index, axis=1) * valid
   return jnp.sum(picked * weight, axis=1)
+
+
+def _regroup(flat: list, groups: list[list]) -> list[list]:
+  """`flat` cut into consecutive pieces as long as each of `groups`."""
+  out, at = [], 0
+  for group in groups:
+    out.append(flat[at:at + len(group)])
+    at += len(group)
+  return out

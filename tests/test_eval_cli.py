@@ -216,10 +216,11 @@ class FakeGeneration:
 
 
 class FakeGenerator:
-  """Answers "(B)" / "yes"; option scores prefer the last option. Records the batch sizes."""
+  """Answers "(B)" / "yes"; option log-probabilities prefer the last option, but the first is 6
+  tokens long (so per token it is the best). Records the batch sizes and the options scored."""
 
   def __init__(self):
-    self.sizes = []
+    self.sizes, self.options = [], []
 
   def generate(self, conversations, images, sampling):
     self.sizes.append(len(conversations))
@@ -229,7 +230,11 @@ class FakeGenerator:
 
   def option_logprobs(self, conversations, images, options):
     self.sizes.append(len(conversations))
+    self.options.append(options[0])
     return [[-float(len(opts) - k) for k in range(len(opts))] for opts in options]
+
+  def option_lengths(self, conversations, options):
+    return [[6] + [1] * (len(opts) - 1) for opts in options]
 
 
 def tiny_loaded(easy_vqa_dir, *overrides):
@@ -261,6 +266,13 @@ def test_runner_batches_skips_and_ranks_options(easy_vqa_dir, tmp_path):
   report, predictions = TsvRun(loaded, bench, "loglik", generator=fake).run(progress=False)
   assert [p["extracted"] for p in predictions] == ["C", "C", "C"]
   assert predictions[0]["option_logprobs"] == {"A": -3.0, "B": -2.0, "C": -1.0}
+  assert fake.options[-1] == list(SHAPES)           # the options' texts are scored by default
+  report, predictions = TsvRun(loaded, bench, "loglik", generator=fake,
+                               length_normalized=True).run(progress=False)
+  assert [p["extracted"] for p in predictions] == ["A", "A", "A"]       # -3/6 > -1/1
+  assert report["settings"]["length_normalized"] is True
+  TsvRun(loaded, bench, "loglik", generator=fake, loglik_choices="letter").run(progress=False)
+  assert fake.options[-1] == ["A", "B", "C"]
 
   # --limit counts file rows (skipped ones too); a prompt longer than the model's positions is
   # skipped as too_long.

@@ -4,7 +4,12 @@
   eval settings), so the numbers are the ones training printed for the same checkpoint.
 - VLMEvalKit TSV files: each question becomes a one-turn conversation (prompts.py), is answered
   by greedy generation (mma_jax.generate) and scored by scoring.py; multiple-choice questions
-  can instead be answered by the option letter the model finds most likely (mode "loglik").
+  can instead be answered by the option the model finds most likely (mode "loglik": the
+  log-likelihood of each option's text as the answer, or of its letter; summed over the option's
+  tokens, or averaged over them to be fair to long options). With an output directory the
+  predictions are appended to predictions.jsonl batch by batch, and a re-run answers only the
+  batches not yet there (predictions.PredictionLog): the same batches as one uninterrupted run,
+  so the same answers.
   A question that cannot be asked (its conversation does not lay out, its image does not decode,
   its prompt and answer would not fit the model's positions) is skipped like a malformed row.
 """
@@ -19,6 +24,7 @@ from tqdm import tqdm
 from mma_jax.data.images import ImageError, resize_rgb, resizes_first
 from mma_jax.evaluate import prompts, scoring
 from mma_jax.evaluate.loading import LoadedModel
+from mma_jax.evaluate.predictions import PredictionLog
 from mma_jax.evaluate.report import build_report
 from mma_jax.evaluate.tsv import Benchmark, Question, Skipped
 from mma_jax.layout import ConversationError
@@ -27,6 +33,7 @@ from mma_jax.sharding import batch_shards
 logger = logging.getLogger(__name__)
 
 MODES = ("generate", "loglik")
+LOGLIK_CHOICES = ("text", "letter")
 
 
 class EvalError(ValueError):
@@ -110,8 +117,10 @@ class TsvRun:
   """One TSV benchmark on one model: prepares, batches, asks and scores."""
 
   def __init__(self, loaded: LoadedModel, benchmark: Benchmark, mode: str = "generate",
-               generator=None):
-    """generator: a mma_jax.generate.Generator for the loaded model (default: built here)."""
+               generator=None, *, loglik_choices: str = "text", length_normalized: bool = False):
+    """generator: a mma_jax.generate.Generator for the loaded model (default: built here);
+    loglik_choices: rank the options' texts or their letters; length_normalized: by the mean
+    log-probability per token instead of the sum."""
     from mma_jax.data.tokenizer import config_layout
     from mma_jax.train.loop import image_tokens
 
@@ -124,7 +133,11 @@ class TsvRun:
     if mode == "loglik" and benchmark.task != "multiple_choice":
       raise EvalError(f"--mode loglik ranks options: {benchmark.name} is a {benchmark.task} "
                       "benchmark, not multiple choice")
+    if loglik_choices not in LOGLIK_CHOICES:
+      raise EvalError(f"unknown loglik choices {loglik_choices!r}; choose one of: "
+                      f"{', '.join(LOGLIK_CHOICES)}")
     self.loaded, self.benchmark, self.mode = loaded, benchmark, mode
+    self.loglik_choices, self.length_normalized = loglik_choices, length_normalized
     data, vision = config.data, config.model.vision
     self.image_size = data.image_size or vision.image_size
     image_norm = vision.family if data.image_norm == "auto" else data.image_norm
@@ -150,8 +163,10 @@ class TsvRun:
   # -------------------------------------------------------------------------------- preparing
   def prepare(self, question: Question) -> Prepared:
     config = self.loaded.config
+    style = "official" if config.data.flavour == "official" else "vlmevalkit"
     conversation = prompts.conversation(question, self.benchmark.task, config.data.system_prompt,
-                                        config.data.flavour)
+                                        config.data.flavour, benchmark=self.benchmark.name,
+                                        style=style)
     example = self.layout.conversation(conversation, generation_prompt=True)
     need = example.length + (config.eval.max_new_tokens if self.mode == "generate" else 2)
     if need > self.max_positions:
@@ -189,10 +204,11 @@ class TsvRun:
     conversations = [p.conversation for p in batch] + [batch[-1].conversation] * pad
     images = [p.images for p in batch] + [batch[-1].images] * pad
     if self.mode == "loglik":
-      letters = [list(p.question.options) for p in batch]
-      letters += [letters[-1]] * pad
-      scores = self.generator.option_logprobs(conversations, images, letters)
-      return [self._loglik_row(p, s) for p, s in zip(batch, scores)]
+      choices = [self._choices(p.question) for p in batch]
+      choices += [choices[-1]] * pad
+      sums = self.generator.option_logprobs(conversations, images, choices)
+      lengths = self.generator.option_lengths(conversations, choices)
+      return [self._loglik_row(p, s, n) for p, s, n in zip(batch, sums, lengths)]
     generations = self.generator.generate(conversations, images, self.sampling())
     return [self._generated_row(p, g) for p, g in zip(batch, generations)]
 
@@ -222,24 +238,56 @@ class TsvRun:
         "generation": generation.text, "finish_reason": generation.finish_reason,
         "extracted": extracted, "answer": gold, "correct": bool(correct)}
 
-  def _loglik_row(self, prepared: Prepared, scores) -> dict:
+  def _choices(self, question: Question) -> list[str]:
+    """What loglik scores as the answer, per option: its text or its letter."""
+    if self.loglik_choices == "letter":
+      return list(question.options)
+    return [str(text) for text in question.options.values()]
+
+  def _loglik_row(self, prepared: Prepared, sums, lengths) -> dict:
     question = prepared.question
     letters = list(question.options)
-    logprobs = {letter: float(s) for letter, s in zip(letters, scores)}
-    extracted = max(logprobs, key=logprobs.get)
+    logprobs = {letter: float(s) for letter, s in zip(letters, sums)}
+    tokens = dict(zip(letters, map(int, lengths)))
+    ranked = ({l: logprobs[l] / max(tokens[l], 1) for l in letters} if self.length_normalized
+              else logprobs)
+    extracted = max(letters, key=ranked.get)
     return self._base_row(question) | {
-        "generation": None, "option_logprobs": logprobs, "extracted": extracted,
-        "answer": question.answers[0], "correct": extracted == question.answers[0]}
+        "generation": None, "option_logprobs": logprobs, "option_tokens": tokens,
+        "extracted": extracted, "answer": question.answers[0],
+        "correct": extracted == question.answers[0]}
 
   # ------------------------------------------------------------------------------------ all
-  def run(self, progress: bool = True) -> tuple[dict, list[dict]]:
-    """(report, predictions) over the first eval.limit rows."""
+  def settings(self) -> dict:
+    extra = ({"loglik_choices": self.loglik_choices, "length_normalized": self.length_normalized}
+             if self.mode == "loglik" else {})
+    return settings_of(self.loaded, self.mode) | extra
+
+  def identity(self) -> dict:
+    """What must not change between an interrupted eval and its re-run."""
+    path = self.benchmark.path
+    return {"benchmark": str(path), "benchmark_bytes": path.stat().st_size if path.is_file()
+            else None, "checkpoint": self.loaded.describe(), "settings": self.settings()}
+
+  def run(self, progress: bool = True, log: PredictionLog | None = None
+          ) -> tuple[dict, list[dict]]:
+    """(report, predictions) over the first eval.limit rows; with a log, batches it already holds
+    are read back instead of answered, and new ones are appended to it."""
     questions, skipped = first_rows(self.benchmark, self.loaded.config.eval.limit)
+    done = log.done if log is not None else {}
     bar = tqdm(total=len(questions), desc=f"eval {self.benchmark.name}", unit="question",
                disable=not progress)
+    if done:
+      logger.info("%s: %d predictions already in %s", self.benchmark.name, len(done), log.path)
     predictions = []
     for batch in self.batches(questions, skipped, bar):
-      predictions += self.answer(batch)
+      if all(p.question.index in done for p in batch):
+        rows = [done[p.question.index] for p in batch]
+      else:
+        rows = self.answer(batch)
+        if log is not None:
+          log.append(rows)
+      predictions += rows
       bar.update(len(batch))
     bar.close()
     skipped.sort(key=lambda s: s.row)
@@ -249,5 +297,5 @@ class TsvRun:
         task=self.benchmark.task, scoring=kind,
         metrics=scoring.benchmark_metrics(kind, predictions), n_scored=len(predictions),
         skipped=[s.to_json() for s in skipped], checkpoint=self.loaded.describe(),
-        settings=settings_of(self.loaded, self.mode))
+        settings=self.settings())
     return report, predictions
