@@ -44,6 +44,9 @@ def parse_args(argv):
   parser.add_argument("--length-normalized", action="store_true",
                       help="--mode loglik ranks by the mean log-probability per token of an "
                            "option instead of the sum")
+  parser.add_argument("--prompts", choices=("vlmevalkit", "official", "training"),
+                      help="benchmark prompts (eval.prompts): as VLMEvalKit builds them "
+                           "(default), as the official AKI eval asks, or in our SFT tasks' words")
   parser.add_argument("--task", choices=("multiple_choice", "yes_no", "vqa"),
                       help="override the task detected from the TSV")
   parser.add_argument("--mask", help="attention mask mode (attention.mask): causal, mma, ...")
@@ -64,7 +67,8 @@ def config_overrides(args) -> list[str]:
   for a benchmark file, which is read whole unless --limit says otherwise."""
   out = [] if args.benchmark == "easy_vqa" else ["eval.limit=0"]
   for flag, key in (("limit", "eval.limit"), ("batch_size", "eval.batch_size"),
-                    ("max_new_tokens", "eval.max_new_tokens"), ("mask", "attention.mask")):
+                    ("max_new_tokens", "eval.max_new_tokens"), ("mask", "attention.mask"),
+                    ("prompts", "eval.prompts")):
     if getattr(args, flag) is not None:
       out.append(f"{key}={getattr(args, flag)}")
   return out + list(args.overrides)

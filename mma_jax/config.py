@@ -248,6 +248,9 @@ class EvalConfig:
   batch_size: int = 8
   max_new_tokens: int = 32
   limit: int = 0                         # 0 = the whole split
+  # Benchmark prompts (evaluate/prompts.py): as VLMEvalKit builds them, as the official AKI eval
+  # asks (CV-Bench), or in the words of our SFT tasks.
+  prompts: Literal["vlmevalkit", "official", "training"] = "vlmevalkit"
 
 
 @dataclass

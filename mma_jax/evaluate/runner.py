@@ -27,7 +27,7 @@ from mma_jax.evaluate.loading import LoadedModel
 from mma_jax.evaluate.predictions import PredictionLog
 from mma_jax.evaluate.report import build_report
 from mma_jax.evaluate.tsv import Benchmark, Question, Skipped
-from mma_jax.layout import ConversationError
+from mma_jax.layout import Conversation, ConversationError
 from mma_jax.sharding import batch_shards
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class Prepared:
 def settings_of(loaded: LoadedModel, mode: str) -> dict:
   c = loaded.config
   return {"mode": mode, "batch_size": c.eval.batch_size, "limit": c.eval.limit,
-          "max_new_tokens": c.eval.max_new_tokens, "mask": c.attention.mask,
+          "max_new_tokens": c.eval.max_new_tokens, "prompts": c.eval.prompts,
+          "mask": c.attention.mask,
           "template": c.data.template, "tokenizer": c.data.tokenizer,
           "system_prompt": c.data.system_prompt,
           "mesh": {axis: int(size) for axis, size in loaded.mesh.shape.items()}}
@@ -163,12 +164,16 @@ class TsvRun:
   # -------------------------------------------------------------------------------- preparing
   def prepare(self, question: Question) -> Prepared:
     config = self.loaded.config
-    style = "official" if config.data.flavour == "official" else "vlmevalkit"
     conversation = prompts.conversation(question, self.benchmark.task, config.data.system_prompt,
                                         config.data.flavour, benchmark=self.benchmark.name,
-                                        style=style)
+                                        style=config.eval.prompts)
     example = self.layout.conversation(conversation, generation_prompt=True)
-    need = example.length + (config.eval.max_new_tokens if self.mode == "generate" else 2)
+    if self.mode == "generate":
+      need = example.length + config.eval.max_new_tokens
+    else:   # the prompt answered by its longest option
+      need = max(self.layout.conversation(Conversation(
+          [*conversation.turns, ("assistant", choice)], conversation.num_images,
+          conversation.system)).length for choice in self._choices(question))
     if need > self.max_positions:
       raise SkipQuestion("too_long", f"the prompt has {example.length} tokens; with the "
                               f"answer it needs {need} positions, the model has "
