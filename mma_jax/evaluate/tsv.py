@@ -1,11 +1,13 @@
 """Benchmarks in VLMEvalKit's TSV format (MMBench, SEED-Bench, ScienceQA, RealWorldQA, CV-Bench,
 MME, POPE, short-answer VQA sets).
 
-Columns: `index`, `question`, `answer`, the options `A`, `B`, ... (an empty or NaN cell is an
-absent option), the image as base64 `image` or as `image_path`, and optionally `hint`,
-`category`, `l2-category`, `split`. As in VLMEvalKit, an `image` cell of at most 64 characters
-that names another row's index stands for that row's image (files store a repeated image once),
-and a cell holding a Python list literal holds several images.
+Columns: `index`, `question`, `answer`, the options `A`, `B`, ..., the image as base64 `image`
+or as `image_path`, and optionally `hint`, `category`, `l2-category`, `split`. As VLMEvalKit
+reads them (with pandas), a cell pandas takes for missing -- empty, "nan", "None", "NA", "N/A",
+"null", ...: PANDAS_MISSING -- is an absent option (likewise an absent hint, prompt or image).
+As in VLMEvalKit, an `image` cell of at most 64 characters that names another row's index stands
+for that row's image (files store a repeated image once), and a cell holding a Python list
+literal holds several images.
 
 The task is read from the file: options present -> multiple choice; every answer yes or no ->
 yes/no; otherwise short-answer VQA. A row that cannot be used (a missing cell, an image that
@@ -33,7 +35,12 @@ from mma_jax.data.images import ImageError
 logger = logging.getLogger(__name__)
 
 TASKS = ("multiple_choice", "yes_no", "vqa")
-_ABSENT = {"", "nan", "NaN"}                    # how pandas-written files spell an empty option
+# Cells VLMEvalKit sees as missing: it reads files with pandas, whose default missing-value
+# spellings (read_csv's na_values, pandas >= 2) these are; matched case-sensitively ("none" and
+# "Null" are text), on the cell as stripped here (pandas would keep a padded " NA").
+PANDAS_MISSING = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 _REFERENCE_MAX = 64                              # VLMEvalKit: a shorter image cell is an index
 
 
@@ -156,7 +163,7 @@ def _option_columns(header: list[str]) -> list[str]:
 
 
 def _present(cell: str | None) -> bool:
-  return cell is not None and cell not in _ABSENT
+  return cell is not None and cell not in PANDAS_MISSING
 
 
 def detect_task(rows, letters: list[str]) -> str:
