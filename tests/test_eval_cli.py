@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -155,7 +156,8 @@ def test_tsv_benchmarks_write_reports_with_skip_counts(demo_run, easy_vqa_dir, t
   assert report["settings"]["batch_size"] == 8 and report["settings"]["max_new_tokens"] == 4
   assert report["settings"]["limit"] == 0       # the run's eval.limit=64 is for easy_vqa only
   overall = report["metrics"]["overall"]
-  assert set(overall) == {"accuracy", "n", "unparsed"} and overall["n"] == 3
+  assert set(overall) == {"accuracy", "n", "judge_needed"} and overall["n"] == 3
+  assert set(report["metrics"]["extras"]) == {"unparsed", "refused"}
   assert report["metrics"]["category"]["shape"]["n"] == 3
   predictions = [json.loads(line) for line in
                  (tmp_path / "mc" / "predictions.jsonl").read_text().splitlines()]
@@ -168,23 +170,25 @@ def test_tsv_benchmarks_write_reports_with_skip_counts(demo_run, easy_vqa_dir, t
   assert "## Overall" in markdown and "## Skipped rows" in markdown
   assert "| 104 | 5 | answer_not_in_options |" in markdown
   last = result.stdout.strip().splitlines()[-1]
-  assert last == f"accuracy={overall['accuracy']:.4f} n_scored=3 n_skipped=2"
+  assert last == (f"accuracy={overall['accuracy']:.4f} judge_needed={overall['judge_needed']} "
+                  "n_scored=3 n_skipped=2")
 
   yes_no = yes_no_tsv(easy_vqa_dir, tmp_path / "POPE_tiny.tsv")
   result = run_eval("--checkpoint", run_dir, "--benchmark", yes_no, "--output",
                     tmp_path / "yn", "--max-new-tokens", 4)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "yn" / "report.json").read_text())
-  assert report["task"] == "yes_no" and report["scoring"] == "yes_no"
+  assert report["task"] == "yes_no" and report["scoring"] == "pope"
   assert (report["n_scored"], report["n_skipped"]) == (3, 1)
   assert report["skipped"][0]["index"] == "4" and report["skipped"][0]["reason"] == (
       "missing_column")
-  assert set(report["metrics"]["overall"]) == {"accuracy", "precision", "recall", "f1",
-                                               "yes_ratio", "n", "unparsed"}
+  assert set(report["metrics"]["overall"]) == {"accuracy", "precision", "recall", "f1", "n",
+                                               "judge_needed"}
+  assert set(report["metrics"]["extras"]) == {"unparsed", "yes_ratio"}
   assert set(report["metrics"]["category"]) == {"random"}
   lines = (tmp_path / "yn" / "predictions.jsonl").read_text().splitlines()
   assert len(lines) == 3 and all(json.loads(l)["answer"] in ("yes", "no") for l in lines)
-  assert result.stdout.strip().splitlines()[-1].startswith("accuracy=")
+  assert result.stdout.strip().splitlines()[-1].startswith("f1=")
 
 
 # ----------------------------------------------------------------------------------- user errors
@@ -286,3 +290,62 @@ def test_runner_batches_skips_and_ranks_options(easy_vqa_dir, tmp_path):
     TsvRun(loaded, yes_no, "loglik", generator=fake)
   report, predictions = TsvRun(loaded, yes_no, "generate", generator=fake).run(progress=False)
   assert report["scoring"] == "mme" and {p["extracted"] for p in predictions} == {"yes"}
+
+
+# ------------------------------------------------------------------ resume, easy_vqa as MCQ
+def easy_vqa_mcq(easy_vqa_dir, path, limit):
+  import tensorflow_datasets as tfds
+
+  from mma_jax.evaluate.easy_vqa_mcq import answer_vocabulary, write_mcq_tsv
+  source = lambda split: tfds.data_source("easy_vqa", split=split, data_dir=str(easy_vqa_dir))
+  return write_mcq_tsv(source("test"), path, answers=answer_vocabulary(source("train")),
+                       limit=limit, progress=False)
+
+
+def line_count(path) -> int:
+  try:
+    return len(path.read_text().splitlines())
+  except FileNotFoundError:
+    return 0
+
+
+def test_a_killed_eval_resumes_to_the_same_report(demo_run, easy_vqa_dir, tmp_path):
+  from mma_jax.evaluate.tsv import read_tsv
+
+  run_dir, _ = demo_run
+  tsv = easy_vqa_mcq(easy_vqa_dir, tmp_path / "easy_vqa_mcq.tsv", limit=24)
+  bench = read_tsv(tsv)
+  assert bench.task == "multiple_choice" and len(bench.questions) == 24
+  assert all(len(q.options) == 4 for q in bench.questions)
+  args = ["--checkpoint", run_dir, "--benchmark", tsv, "--batch-size", 1, "--max-new-tokens", 6,
+          "--no-progress"]
+  whole = run_eval(*args, "--output", tmp_path / "whole")
+  assert whole.returncode == 0, whole.stderr[-3000:]
+
+  out = tmp_path / "killed"
+  process = subprocess.Popen([sys.executable, "eval.py", *map(str, args), "--output", str(out)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while line_count(out / "predictions.jsonl") < 2 and process.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.005)
+  process.kill()
+  process.wait()
+  done = line_count(out / "predictions.jsonl")
+  assert 2 <= done < 24, done                  # killed part way through
+  resumed = run_eval(*args, "--output", out)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"{done} predictions already in" in resumed.stderr
+  for name in ("report.json", "predictions.jsonl", "report.md"):
+    assert (out / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+  assert resumed.stdout == whole.stdout
+
+  # Another evaluation into the same directory is refused, not mixed in.
+  refused = run_eval(*args, "--output", out, "--mode", "loglik")
+  assert refused.returncode == 2 and "holds predictions of another evaluation" in refused.stderr
+  loglik = run_eval(*args, "--output", tmp_path / "loglik", "--mode", "loglik")
+  assert loglik.returncode == 0, loglik.stderr[-3000:]
+  report = json.loads((tmp_path / "loglik" / "report.json").read_text())
+  assert report["settings"]["loglik_choices"] == "text" and report["metrics"]["extras"] == {
+      "unparsed": 0, "refused": 0}
+  assert loglik.stdout.strip().splitlines()[-1].startswith("accuracy=")

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from mma_jax.evaluate import prompts, report, scoring
+from mma_jax.evaluate.multiple_choice import extract_choice
+from mma_jax.evaluate.yes_no import extract_yes_no, mme_metrics, pope_metrics
 from mma_jax.evaluate.tsv import BenchmarkError, read_tsv
 
 OPTIONS = {"A": "blue", "B": "red", "C": "green", "D": "yellow"}
@@ -38,16 +40,16 @@ OPTIONS = {"A": "blue", "B": "red", "C": "green", "D": "yellow"}
     ("", None),
 ])
 def test_extract_choice(text, expected):
-  assert scoring.extract_choice(text, OPTIONS) == expected
+  assert extract_choice(text, OPTIONS) == expected
 
 
 def test_extract_choice_option_texts_and_the_article_as_vlmevalkit():
   # Option texts match as substrings, so "red" and "dark red" both occur: no answer; a capital
   # "A" token is option A even as an article (VLMEvalKit's can_infer).
-  assert scoring.extract_choice("It is dark red.", {"A": "red", "B": "dark red"}) is None
-  assert scoring.extract_choice("A red circle", {"A": "square", "B": "circle"}) == "A"
-  assert scoring.extract_choice("A", {"A": "square", "B": "circle"}) == "A"
-  assert scoring.extract_choice("Reddish-brown.", {"A": "Black.", "B": "Reddish-brown."}) == "B"
+  assert extract_choice("It is dark red.", {"A": "red", "B": "dark red"}) is None
+  assert extract_choice("A red circle", {"A": "square", "B": "circle"}) == "A"
+  assert extract_choice("A", {"A": "square", "B": "circle"}) == "A"
+  assert extract_choice("Reddish-brown.", {"A": "Black.", "B": "Reddish-brown."}) == "B"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -57,22 +59,7 @@ def test_extract_choice_option_texts_and_the_article_as_vlmevalkit():
     ("yes/no", None), ("Yes,there are 1,000 people.", None), ("Yes,there are 12 people.", "yes"),
     ("No. Yes, on closer look there is one.", None)])
 def test_extract_yes_no(text, expected):
-  assert scoring.extract_yes_no(text) == expected
-
-
-# ---------------------------------------------------------------------------------- short answer
-@pytest.mark.parametrize("text, expected", [
-    ("The Two dogs.", "2 dogs"), ("1,000", "1000"), ("3.5", "3.5"), ("T-shirt", "t shirt"),
-    ("don't", "dont"), ("  A  Red   Car! ", "red car"), ("None", "0"), ("yes.", "yes")])
-def test_normalize_answer(text, expected):
-  assert scoring.normalize_answer(text) == expected
-
-
-def test_vqa_match():
-  assert scoring.vqa_match("Two", ["2"])
-  assert scoring.vqa_match("a cat.", ["dog", "cat"])
-  assert not scoring.vqa_match("cats", ["cat"])
-  assert not scoring.vqa_match("", ["cat"])
+  assert extract_yes_no(text) == expected
 
 
 # --------------------------------------------------------------------------------------- metrics
@@ -80,12 +67,11 @@ def test_pope_metrics_on_a_hand_table():
   gold = ["yes", "yes", "yes", "no", "no", "no", "yes", "no", "yes"]
   pred = ["yes", "no", "yes", "yes", "no", None, "yes", "no", None]
   # tp 3 (0, 2, 6), fp 1 (3), fn 2 (1, 8: unparsed), right 5 (0, 2, 4, 6, 7), said yes 4
-  m = scoring.pope_metrics(gold, pred)
+  m = pope_metrics(gold, pred)
   assert m["accuracy"] == pytest.approx(5 / 9)
   assert m["precision"] == pytest.approx(3 / 4)
   assert m["recall"] == pytest.approx(3 / 5)
   assert m["f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
-  assert m["yes_ratio"] == pytest.approx(4 / 9)
   assert m["n"] == 9
 
 
@@ -99,7 +85,7 @@ def mme_rows():
 
 
 def test_mme_accuracy_plus_and_score_on_a_hand_table():
-  m = scoring.mme_metrics(mme_rows())
+  m = mme_metrics(mme_rows())
   existence, code = m["category"]["existence"], m["category"]["code_reasoning"]
   assert existence["accuracy"] == pytest.approx(0.75)
   assert existence["accuracy_plus"] == pytest.approx(0.5)
@@ -111,37 +97,65 @@ def test_mme_accuracy_plus_and_score_on_a_hand_table():
   assert m["overall"]["cognition"] == pytest.approx(50.0)
   assert m["overall"]["score"] == pytest.approx(175.0)
   assert m["overall"]["accuracy"] == pytest.approx(4 / 6)
-  assert scoring.looks_like_mme(["existence", "OCR", "code_reasoning"])
-  assert not scoring.looks_like_mme(["adversarial", "popular", "random"])
+
+
+@pytest.mark.parametrize("name,task,kind", [
+    ("MMBench_DEV_EN", "multiple_choice", "circular"), ("CCBench", "multiple_choice", "circular"),
+    ("SEEDBench_IMG", "multiple_choice", "multiple_choice"), ("MME", "yes_no", "mme"),
+    ("POPE", "yes_no", "pope"), ("HallusionBench", "yes_no", "hallusionbench"),
+    ("AMBER_yn", "yes_no", "yes_no"), ("pope_lowercase", "yes_no", "yes_no"),
+    ("TextVQA_VAL", "vqa", "vqa_score"), ("GQA_TestDev_Balanced", "vqa", "exact_match"),
+    ("ChartQA_TEST", "vqa", "relaxed_accuracy"), ("DocVQA_VAL", "vqa", "anls"),
+    ("my_vqa", "vqa", "vqa_score")])
+def test_scoring_is_picked_by_name_as_vlmevalkit_does(name, task, kind):
+  assert scoring.kind_for(name, task) == kind
 
 
 def test_benchmark_metrics_per_task():
-  rows = [{"category": "c1", "l2_category": "x", "split": "dev", "extracted": "A", "answer": "A",
-           "correct": True},
-          {"category": "c1", "l2_category": "x", "split": "dev", "extracted": None,
-           "answer": "B", "correct": False},
-          {"category": "c2", "l2_category": "", "split": "dev", "extracted": "C", "answer": "C",
-           "correct": True}]
-  m = scoring.benchmark_metrics("multiple_choice", rows)
-  assert m["overall"] == {"accuracy": pytest.approx(2 / 3), "n": 3, "unparsed": 1}
+  options = {"A": "red", "B": "blue", "C": "green"}
+  rows = [{"index": "1", "category": "c1", "l2_category": "x", "split": "dev", "answer": "A",
+           "prediction": "A", "options": options},
+          {"index": "2", "category": "c1", "l2_category": "x", "split": "dev", "answer": "B",
+           "prediction": "no idea", "options": options},
+          {"index": "3", "category": "c2", "l2_category": "", "split": "dev", "answer": "C",
+           "prediction": "It is green.", "options": options}]
+  scored = scoring.score_rows("multiple_choice", "SEEDBench_IMG", rows)
+  assert [(r["extracted"], r["correct"]) for r in scored] == [("A", True), (None, False),
+                                                              ("C", True)]
+  m = scoring.benchmark_metrics("multiple_choice", scored)
+  assert m["overall"] == {"accuracy": pytest.approx(2 / 3), "n": 3, "judge_needed": 1}
+  assert m["extras"] == {"unparsed": 1, "refused": 0}
   assert m["category"] == {"c1": {"accuracy": 0.5, "n": 2}, "c2": {"accuracy": 1.0, "n": 1}}
   assert m["l2_category"] == {"x": {"accuracy": 0.5, "n": 2}}
   assert m["split"] == {"dev": {"accuracy": pytest.approx(2 / 3), "n": 3}}
   mme = scoring.benchmark_metrics("mme", mme_rows())
-  assert mme["overall"]["score"] == pytest.approx(175.0) and mme["overall"]["unparsed"] == 0
-  pope = scoring.benchmark_metrics("yes_no", [
-      {"category": "random", "answer": "yes", "extracted": "no", "correct": False},
-      {"category": "random", "answer": "no", "extracted": "no", "correct": True}])
-  assert pope["overall"]["accuracy"] == 0.5 and pope["overall"]["recall"] == 0.0
-  assert pope["category"]["random"]["yes_ratio"] == 0.0
+  assert mme["overall"]["score"] == pytest.approx(175.0) and mme["extras"]["unparsed"] == 0
+  yes_no = [{"category": "random", "answer": "yes", "prediction": "No."},
+            {"category": "random", "answer": "no", "prediction": "no"},
+            {"category": "random", "answer": "no", "prediction": "Yes and no"}]
+  pope = scoring.benchmark_metrics("pope", scoring.score_rows("pope", "POPE", yes_no))
+  assert pope["overall"]["accuracy"] == pytest.approx(1 / 3) and pope["overall"]["recall"] == 0
+  assert pope["overall"]["judge_needed"] == 1
+  assert pope["extras"] == {"unparsed": 1, "yes_ratio": 0.0}
+  plain = scoring.benchmark_metrics("yes_no", scoring.score_rows("yes_no", "AMBER", yes_no))
+  assert set(plain["overall"]) == {"accuracy", "n", "judge_needed"}
   # a row of "adversarial,popular" counts in both splits and twice overall (VLMEvalKit's POPE)
-  pope = scoring.benchmark_metrics("yes_no", [
-      {"category": "adversarial,popular", "answer": "yes", "extracted": "yes", "correct": True},
-      {"category": "popular", "answer": "no", "extracted": "yes", "correct": False}])
+  pope = scoring.benchmark_metrics("pope", scoring.score_rows("pope", "POPE", [
+      {"category": "adversarial,popular", "answer": "yes", "prediction": "yes"},
+      {"category": "popular", "answer": "no", "prediction": "Yes"}]))
   assert sorted(pope["category"]) == ["adversarial", "popular"]
   assert pope["category"]["adversarial"]["n"] == 1 and pope["category"]["popular"]["n"] == 2
   assert pope["overall"]["n"] == 3 and pope["overall"]["accuracy"] == pytest.approx(2 / 3)
-  assert pope["overall"]["unparsed"] == 0
+  # VQA: the whole prediction, leave-one-out VQA score (2 of 10 humans: 0.6), per split
+  answers = ["two"] * 2 + ["three"] * 8
+  vqa = scoring.score_rows("vqa_score", "TextVQA_VAL", [
+      {"answer": answers, "prediction": "It is\n2.", "split": "val"},
+      {"answer": answers, "prediction": "3", "split": "val"}])
+  assert [r["score"] for r in vqa] == pytest.approx([0.0, 1.0])     # "it is 2." is not "2"
+  vqa = scoring.score_rows("vqa_score", "TextVQA_VAL", [{"answer": answers, "prediction": "2"}])
+  assert vqa[0]["score"] == pytest.approx(0.6)
+  gqa = scoring.score_rows("exact_match", "GQA", [{"answer": "Left", "prediction": " left\n"}])
+  assert gqa[0]["score"] == 1.0
 
 
 # ------------------------------------------------------------------------------------ TSV reader
@@ -253,11 +267,12 @@ def test_report_files(tmp_path):
   report.write_outputs(tmp_path, r, [{"index": "1", "correct": True}])
   loaded = json.loads((tmp_path / "report.json").read_text())
   assert loaded["n_skipped"] == 1 and loaded["skipped_by_reason"] == {"undecodable_image": 1}
-  assert loaded["headline"] == {"perception": 125.0, "cognition": 50.0, "score": 175.0,
-                                "accuracy": pytest.approx(4 / 6)}
+  assert loaded["headline"] == {"perception": 125.0, "cognition": 50.0}
+  assert loaded["metrics"]["extras"] == {"unparsed": 0, "yes_ratio": 1.0}
   md = (tmp_path / "report.md").read_text()
   assert "| existence | 0.7500 | 0.5000 | 125.0000 | 4 | 2 |" in md
   assert "bad \\| image" in md
   assert (tmp_path / "predictions.jsonl").read_text() == '{"index": "1", "correct": true}\n'
+  assert "## Extras (ours, not VLMEvalKit's)" in md and "| yes_ratio | 1.0000 |" in md
   assert report.summary_lines(r)[-1] == ("perception=125.0000 cognition=50.0000 "
-                                         "score=175.0000 accuracy=0.6667 n_scored=6 n_skipped=1")
+                                         "judge_needed=0 n_scored=6 n_skipped=1")

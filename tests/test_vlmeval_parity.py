@@ -1,4 +1,4 @@
-"""scoring.py scores as VLMEvalKit does: its outputs on the cases in tests/fixtures/vlmevalkit/
+"""Extraction and the yes/no ratings score as VLMEvalKit does: its outputs on the cases in tests/fixtures/vlmevalkit/
 cases.json (written by make_cases.py there, with VLMEvalKit's own code) are what we must give.
 
 VLMEvalKit -> ours: YOrN_Extraction "Yes" / "No" / "Unknown" -> "yes" / "no" / None; can_infer
@@ -12,6 +12,8 @@ import pathlib
 import pytest
 
 from mma_jax.evaluate import scoring
+from mma_jax.evaluate.multiple_choice import extract_choice
+from mma_jax.evaluate.yes_no import extract_yes_no
 
 CASES = json.loads((pathlib.Path(__file__).parent / "fixtures/vlmevalkit/cases.json").read_text())
 YES_NO = {"Yes": "yes", "No": "no", "Unknown": None}
@@ -23,7 +25,7 @@ def test_fixture_is_substantial():
 
 @pytest.mark.parametrize("case", CASES["yes_no"], ids=lambda c: repr(c["prediction"])[:40])
 def test_yes_no_extraction(case):
-  assert scoring.extract_yes_no(case["prediction"]) == YES_NO[case["vlmeval"]], (
+  assert extract_yes_no(case["prediction"]) == YES_NO[case["vlmeval"]], (
       f"VLMEvalKit reads {case['prediction']!r} as {case['vlmeval']} "
       f"(after process_punctuation: {case['process_punctuation']!r})")
 
@@ -35,14 +37,14 @@ def choice_id(case):
 @pytest.mark.parametrize("case", CASES["multiple_choice"], ids=choice_id)
 def test_choice_extraction(case):
   expected = case["vlmeval"] if case["vlmeval"] not in (False, "Z") else None
-  assert scoring.extract_choice(case["prediction"], case["options"]) == expected, (
+  assert extract_choice(case["prediction"], case["options"]) == expected, (
       f"VLMEvalKit's can_infer({case['prediction']!r}, {case['options']}) = {case['vlmeval']!r}")
 
 
 def yes_no_rows(rows):
   out = []
   for row in rows:
-    extracted = scoring.extract_yes_no(row["prediction"])
+    extracted = extract_yes_no(row["prediction"])
     answer = row["answer"].lower()
     out.append({"category": row["category"], "image_key": row.get("image_path"),
                 "answer": answer, "extracted": extracted, "correct": extracted == answer})
@@ -50,7 +52,7 @@ def yes_no_rows(rows):
 
 
 def test_pope_counts_a_row_in_every_split_it_names():
-  metrics = scoring.benchmark_metrics("yes_no", yes_no_rows(CASES["pope"]["rows"]))
+  metrics = scoring.benchmark_metrics("pope", yes_no_rows(CASES["pope"]["rows"]))
   ours = {"Overall": metrics["overall"]} | metrics["category"]
   assert sorted(ours) == sorted(CASES["pope"]["rating"])
   for split, theirs in CASES["pope"]["rating"].items():

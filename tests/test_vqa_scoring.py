@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-from mma_jax.evaluate import vqa
+from mma_jax.evaluate import scoring, vqa
 
 CASES = json.loads(
     (pathlib.Path(__file__).parent / "fixtures/vlmevalkit/vqa_cases.json").read_text())
@@ -69,9 +69,19 @@ def test_row_score_per_benchmark(case):
 
 @pytest.mark.parametrize("case", CASES["files"], ids=lambda c: c["dataset"])
 def test_file_figures(case):
-  rows = case["rows"]
-  ours = vqa.file_metrics(case["dataset"], rows["prediction"], rows["answer"],
-                          splits=rows.get("split"), categories=rows.get("category"))
+  """The whole file through scoring.py, as eval.py and `python -m mma_jax.evaluate.score` score
+  it: VLMEvalKit's figures are percent."""
+  columns = case["rows"]
+  rows = [{"prediction": p, "answer": vqa.answers_from_cell(a),
+           "split": (columns.get("split") or [""] * len(columns["prediction"]))[i],
+           "category": (columns.get("category") or [""] * len(columns["prediction"]))[i]}
+          for i, (p, a) in enumerate(zip(columns["prediction"], columns["answer"]))]
+  kind = scoring.kind_for(case["dataset"], "vqa")
+  metrics = scoring.benchmark_metrics(kind, scoring.score_rows(kind, case["dataset"], rows))
+  groups = metrics.get("split", metrics.get("category", {}))
+  ours = {"Overall": metrics["overall"]["accuracy"]} | {
+      name: values["accuracy"] for name, values in groups.items()}
+  ours = {name: 100 * value for name, value in ours.items()}
   assert sorted(ours) == sorted(case["figures"])
   for name, theirs in case["figures"].items():
     assert agrees(ours[name], theirs, 1e-6), name

@@ -1,7 +1,7 @@
 """Multiple-choice scores as VLMEvalKit's ImageMCQDataset.evaluate gives them under exact matching
 (no judge model), circular evaluation included.
 
-A row's letter comes from scoring.extract_choice (VLMEvalKit's can_infer); VLMEvalKit's exact
+A row's letter comes from extract_choice (VLMEvalKit's can_infer); VLMEvalKit's exact
 matching path reads nothing else. Where the rules find no letter VLMEvalKit tells two cases apart,
 and so do we (`row_outcome`):
 - a refusal (can_infer's "Z": a refusal phrase, or a lone "Z" token and no option letter) is
@@ -37,9 +37,10 @@ questions, LEGO's ordering questions, and report_acc's variants for MMT-Bench, M
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Mapping, Sequence
 
-from mma_jax.evaluate import scoring
+from mma_jax.evaluate.tables import accuracy, grouped
 
 # Dataset names VLMEvalKit evaluates circularly: containing any of these, in any case.
 CIRCULAR_MARKERS = ("mmbench", "ccbench", "circular", "mmcr")
@@ -58,6 +59,51 @@ ABBREVIATIONS = {
 OUTCOMES = ("right", "wrong", "refused", "unmatched")
 
 
+# ------------------------------------------------------------------------------ extraction
+# VLMEvalKit's rules (vlmeval/utils/matching_util.py: can_infer = can_infer_option, else
+# can_infer_text), restated:
+# - an answer holding one of the refusal phrases is a refusal (no answer); one holding the API
+#   failure message skips the letter rules;
+# - letters: the answer with .()[],:;!*#{} as spaces, split on white space; when exactly one
+#   option letter is a token (case-sensitive) and its first occurrence is among the last four
+#   tokens, that letter; when no option letter is but "Z" is, a refusal;
+# - else the first "answer is X" (any case, X in A-D, bold allowed) names X if X is an option;
+# - else, for an answer at most twice as long as all option texts together, the one option whose
+#   lower-cased text occurs in the lower-cased answer (as a substring).
+_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+             "I'm sorry, but without the image provided", "Cannot determine the answer")
+_API_FAILURE = "Failed to obtain answer via API"
+_TOKEN_SEPARATORS = re.compile(r"[.()\[\],:;!*#{}]")
+_ANSWER_IS = re.compile(r"answer\s+is\s+\**([abcd])", re.IGNORECASE)
+
+
+def extract_choice(text: str, options: Mapping[str, str]) -> str | None:
+  """The option letter `text` answers with, or None. `options`: letter -> option text."""
+  text = str(text)
+  if _API_FAILURE not in text:
+    if any(phrase in text for phrase in _REFUSALS):
+      return None
+    tokens = _TOKEN_SEPARATORS.sub(" ", text).split()
+    named = [letter for letter in options if letter in tokens]
+    if len(named) == 1 and tokens.index(named[0]) >= len(tokens) - 4:
+      return named[0]
+    if not named and "Z" in tokens:
+      return None
+    match = _ANSWER_IS.search(text)
+    if match and match.group(1).upper() in options:
+      return match.group(1).upper()
+  return _choice_by_text(text, options)
+
+
+def _choice_by_text(text: str, options: Mapping[str, str]) -> str | None:
+  """The one option whose text occurs in a short answer (case-insensitive), else None."""
+  answer = text.lower()
+  if len(answer) > 2 * sum(len(str(option)) for option in options.values()):
+    return None
+  found = [letter for letter, option in options.items() if str(option).lower() in answer]
+  return found[0] if len(found) == 1 else None
+
+
 def is_circular(dataset_name: str) -> bool:
   """Whether VLMEvalKit scores a dataset of this name by circular evaluation."""
   name = dataset_name.lower()
@@ -68,11 +114,11 @@ def _refused(text: str, options: Mapping[str, str]) -> bool:
   """can_infer's "Z" (which extract_choice reports as None like any failure): a refusal phrase,
   or a "Z" token with no option letter among the tokens. A message of a failed API call turns
   the letter rules off, refusals included."""
-  if scoring._API_FAILURE in text:
+  if _API_FAILURE in text:
     return False
-  if any(phrase in text for phrase in scoring._REFUSALS):
+  if any(phrase in text for phrase in _REFUSALS):
     return True
-  tokens = scoring._TOKEN_SEPARATORS.sub(" ", text).split()
+  tokens = _TOKEN_SEPARATORS.sub(" ", text).split()
   return "Z" in tokens and not any(letter in tokens for letter in options)
 
 
@@ -80,18 +126,19 @@ def row_outcome(text: str, options: Mapping[str, str], answer: str) -> str:
   """One of OUTCOMES: the gold letter, another letter, a refusal, or no letter at all (where
   VLMEvalKit would call its judge model)."""
   text = str(text)
-  choice = scoring.extract_choice(text, options)
+  choice = extract_choice(text, options)
   if choice is not None:
     return "right" if choice == answer else "wrong"
   return "refused" if _refused(text, options) else "unmatched"
 
 
 def _text(row: Mapping) -> str:
-  """What is scored: the generation; for a row answered without one (log-likelihood mode), its
-  chosen letter."""
-  if row.get("generation") is not None:
-    return str(row["generation"])
-  return str(row["extracted"]) if row.get("extracted") is not None else ""
+  """What is scored: the prediction as read back (scoring.score_rows), else the generation; for a
+  row answered without one (log-likelihood mode), its chosen letter."""
+  for key in ("prediction", "generation", "extracted"):
+    if row.get(key) is not None:
+      return str(row[key])
+  return ""
 
 
 def _integer_index(index) -> int:
@@ -132,14 +179,14 @@ def report_table(items: Sequence[Mapping]) -> dict[str, dict[str, float | None]]
 
 def _summary(items: Sequence[Mapping], rows: Sequence[Mapping]) -> dict:
   """Accuracy over `items` (rows or questions), grouped and tabled; counts over `rows`."""
-  plain = lambda group: scoring.accuracy(item["hit"] for item in group)
+  plain = lambda group: accuracy(item["hit"] for item in group)
   outcomes = collections.Counter(row["outcome"] for row in rows)
   overall = plain(items) | {"judge_needed": sum(item["judge"] for item in items),
                             "unparsed": outcomes["refused"] + outcomes["unmatched"],
                             "refused": outcomes["refused"]}
   metrics = {"overall": overall}
   for key in ("category", "l2_category", "split"):
-    groups = scoring.grouped(items, key, plain)
+    groups = grouped(items, key, plain)
     if groups:
       metrics[key] = groups
   metrics["table"] = report_table(items)

@@ -17,10 +17,8 @@ import pathlib
 import re
 import sys
 
-# pandas' default missing-value spellings (read_csv / read_excel na_values).
-NA_SPELLINGS = frozenset({
-    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+from mma_jax.evaluate.tsv import PANDAS_MISSING
+
 _INTEGER = re.compile(r"[+-]?\d+")
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|Inf|INF)")
 FORMATS = (".jsonl", ".xlsx", ".tsv", ".csv")
@@ -32,7 +30,7 @@ class PredictionsError(ValueError):
 
 def as_pandas_reads(cells: list) -> list[str]:
   """A column's cells (str, int, float or None) -> str() of what pandas makes of them."""
-  values = [None if c is None or (isinstance(c, str) and c in NA_SPELLINGS) else c
+  values = [None if c is None or (isinstance(c, str) and c in PANDAS_MISSING) else c
             for c in cells]
   present = [v for v in values if v is not None]
   texts = [v if isinstance(v, str) else repr(v) for v in present]

@@ -2,7 +2,8 @@
 
     report.json        benchmark, task, checkpoint, settings, n_scored, n_skipped, skipped rows
                        (index, row, reason, message) and their counts by reason, metrics
-                       {"overall": {...}, <grouping>: {group: {...}}}, headline
+                       {"overall": {...}, <grouping>: {group: {...}}, "extras": {...}},
+                       headline (VLMEvalKit's figures; "extras" are ours)
     report.md          the same as markdown tables
     predictions.jsonl  one object per scored question (index, question, generation, extracted,
                        answer, correct, ...)
@@ -14,12 +15,19 @@ import json
 import pathlib
 from typing import Iterable, Mapping, Sequence
 
-# The metrics a task's headline line shows, in order (the rest stay in the report).
+# The metrics a scoring kind's headline shows, in order: VLMEvalKit's own figures for that kind
+# (evaluate/scoring.py), fractions where it prints percent. The rest stay in the report.
 HEADLINE = {
     "multiple_choice": ("accuracy",),
-    "vqa": ("accuracy",),
-    "yes_no": ("accuracy", "precision", "recall", "f1", "yes_ratio"),
-    "mme": ("perception", "cognition", "score", "accuracy"),
+    "circular": ("accuracy", "vanilla_accuracy"),
+    "yes_no": ("accuracy",),
+    "pope": ("f1", "accuracy", "precision", "recall"),
+    "mme": ("perception", "cognition"),
+    "hallusionbench": ("accuracy", "figure_accuracy", "question_accuracy"),
+    "vqa_score": ("accuracy",),
+    "exact_match": ("accuracy",),
+    "relaxed_accuracy": ("accuracy",),
+    "anls": ("accuracy",),
     "easy_vqa": ("accuracy", "majority", "text_only"),
 }
 
@@ -80,15 +88,19 @@ def _table(header: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
 def markdown(report: dict) -> str:
   ckpt = report["checkpoint"]
   step = f", step {ckpt['step']}" if ckpt.get("step") is not None else ""
+  source = (f"Predictions `{ckpt['predictions']}`" if "predictions" in ckpt else
+            f"Checkpoint `{ckpt.get('path')}` ({ckpt.get('kind')}{step})")
   lines = [f"# {report['benchmark']}", "",
-           f"Checkpoint `{ckpt.get('path')}` ({ckpt.get('kind')}{step}); task "
-           f"{report['task']}, scoring {report['scoring']}; {report['n_scored']} scored, "
-           f"{report['n_skipped']} skipped.", "", "## Overall", ""]
+           f"{source}; task {report['task']}, scoring {report['scoring']}; "
+           f"{report['n_scored']} scored, {report['n_skipped']} skipped.", "", "## Overall", ""]
   metrics = report["metrics"]
   lines += _table(("metric", "value"), metrics.get("overall", {}).items())
+  if metrics.get("extras"):
+    lines += ["## Extras (ours, not VLMEvalKit's)", ""]
+    lines += _table(("metric", "value"), metrics["extras"].items())
   for grouping, groups in metrics.items():
-    if grouping == "overall" or not groups:
-      continue
+    if grouping in ("overall", "extras") or not groups or not _flat_groups(groups):
+      continue        # nested evaluations (MMBench's vanilla ones) stay in report.json
     names = list(dict.fromkeys(k for g in groups.values() for k in g))
     lines += [f"## By {grouping}", ""]
     lines += _table((grouping, *names), ([group, *(values.get(n) for n in names)]
@@ -103,6 +115,11 @@ def markdown(report: dict) -> str:
   return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def _flat_groups(groups: dict) -> bool:
+  return all(isinstance(values, dict) and not any(isinstance(v, dict) for v in values.values())
+             for values in groups.values())
+
+
 def summary_lines(report: dict, grouping: str = "category") -> list[str]:
   """Per group `name: metric=value ...`, then the headline line with the row counts."""
   keys = HEADLINE.get(report["scoring"], ("accuracy",))
@@ -112,5 +129,8 @@ def summary_lines(report: dict, grouping: str = "category") -> list[str]:
     shown = list(dict.fromkeys(shown))
     lines.append(f"{name}: " + " ".join(f"{k}={_value(values[k])}" for k in shown))
   head = " ".join(f"{k}={_value(v)}" for k, v in report["headline"].items())
-  lines.append(f"{head} n_scored={report['n_scored']} n_skipped={report['n_skipped']}".strip())
+  judge = report["metrics"].get("overall", {}).get("judge_needed")
+  judge = f" judge_needed={judge}" if judge is not None else ""
+  lines.append(f"{head}{judge} n_scored={report['n_scored']} "
+               f"n_skipped={report['n_skipped']}".strip())
   return lines

@@ -26,6 +26,7 @@ from mma_jax.evaluate import prompts, scoring
 from mma_jax.evaluate.loading import LoadedModel
 from mma_jax.evaluate.predictions import PredictionLog
 from mma_jax.evaluate.report import build_report
+from mma_jax.evaluate.tables import accuracy, grouped
 from mma_jax.evaluate.tsv import Benchmark, Question, Skipped
 from mma_jax.layout import Conversation, ConversationError
 from mma_jax.sharding import batch_shards
@@ -82,8 +83,8 @@ def run_easy_vqa(loaded: LoadedModel, progress: bool = True) -> tuple[dict, list
 
   result = easy_vqa.evaluate_config(config, loaded.graphdef, loaded.params, loaded.frozen,
                                     mesh=loaded.mesh, on_result=keep, progress=progress)
-  per_type = scoring.grouped(predictions, "question_type",
-                             lambda rows: scoring.accuracy(r["correct"] for r in rows))
+  per_type = grouped(predictions, "question_type",
+                     lambda rows: accuracy(r["correct"] for r in rows))
   metrics = {"overall": {"accuracy": result.accuracy, "majority": result.majority,
                          "text_only": result.text_only, "n": result.n},
              "question_type": {t: per_type[t] for t in easy_vqa.TYPES if t in per_type}}
@@ -96,14 +97,6 @@ def run_easy_vqa(loaded: LoadedModel, progress: bool = True) -> tuple[dict, list
 
 
 # -------------------------------------------------------------------------------------------- TSV
-def scoring_of(benchmark: Benchmark) -> str:
-  """The metric set: the task's, MME's for an MME-like yes/no file."""
-  if benchmark.task == "yes_no" and ("mme" in benchmark.name.lower() or scoring.looks_like_mme(
-      q.category for q in benchmark.questions)):
-    return "mme"
-  return benchmark.task
-
-
 def first_rows(benchmark: Benchmark, limit: int) -> tuple[list[Question], list[Skipped]]:
   """The questions and skipped rows among the first `limit` data rows (0: all)."""
   if not limit:
@@ -217,31 +210,10 @@ class TsvRun:
     generations = self.generator.generate(conversations, images, self.sampling())
     return [self._generated_row(p, g) for p, g in zip(batch, generations)]
 
-  def _base_row(self, question: Question) -> dict:
-    row = {"index": question.index, "row": question.row, "question": question.question}
-    if question.options:
-      row["options"] = question.options
-    row |= {"category": question.category, "l2_category": question.l2_category,
-            "split": question.split, "image_key": question.image_key}
-    return row
-
   def _generated_row(self, prepared: Prepared, generation) -> dict:
-    question, task = prepared.question, self.benchmark.task
-    text = generation.text     # unstripped, as VLMEvalKit reads a prediction
-    if task == "multiple_choice":
-      extracted = scoring.extract_choice(text, question.options)
-      correct, gold = extracted == question.answers[0], question.answers[0]
-    elif task == "yes_no":
-      extracted = scoring.extract_yes_no(text)
-      correct, gold = extracted == question.answers[0], question.answers[0]
-    else:
-      first_line = text.strip().split("\n")[0]
-      extracted = scoring.normalize_answer(first_line)
-      correct = scoring.vqa_match(first_line, question.answers)
-      gold = question.answers if len(question.answers) > 1 else question.answers[0]
-    return self._base_row(question) | {
-        "generation": generation.text, "finish_reason": generation.finish_reason,
-        "extracted": extracted, "answer": gold, "correct": bool(correct)}
+    # The text unstripped, as VLMEvalKit keeps a prediction; scoring.score_rows scores it.
+    return scoring.question_row(prepared.question) | {
+        "generation": generation.text, "finish_reason": generation.finish_reason}
 
   def _choices(self, question: Question) -> list[str]:
     """What loglik scores as the answer, per option: its text or its letter."""
@@ -257,10 +229,9 @@ class TsvRun:
     ranked = ({l: logprobs[l] / max(tokens[l], 1) for l in letters} if self.length_normalized
               else logprobs)
     extracted = max(letters, key=ranked.get)
-    return self._base_row(question) | {
+    return scoring.question_row(question) | {
         "generation": None, "option_logprobs": logprobs, "option_tokens": tokens,
-        "extracted": extracted, "answer": question.answers[0],
-        "correct": extracted == question.answers[0]}
+        "extracted": extracted}
 
   # ------------------------------------------------------------------------------------ all
   def settings(self) -> dict:
@@ -296,11 +267,5 @@ class TsvRun:
       bar.update(len(batch))
     bar.close()
     skipped.sort(key=lambda s: s.row)
-    kind = scoring_of(self.benchmark)
-    report = build_report(
-        benchmark=self.benchmark.name, source=str(self.benchmark.path),
-        task=self.benchmark.task, scoring=kind,
-        metrics=scoring.benchmark_metrics(kind, predictions), n_scored=len(predictions),
-        skipped=[s.to_json() for s in skipped], checkpoint=self.loaded.describe(),
-        settings=self.settings())
-    return report, predictions
+    return scoring.scored_report(self.benchmark, scoring.with_predictions(predictions), skipped,
+                         checkpoint=self.loaded.describe(), settings=self.settings())

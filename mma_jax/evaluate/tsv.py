@@ -31,6 +31,7 @@ import sys
 from PIL import Image
 
 from mma_jax.data.images import ImageError
+from mma_jax.evaluate import vqa
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,10 @@ def _question(cells: dict, index: str, number: int, task: str, letters: list[str
       raise _RowError("answer_not_yes_no", f"the answer {answer!r} is neither yes nor no")
     answers = [answer.lower()]
   else:
-    answers = _answer_list(answer)
+    answers = vqa.answers_from_cell(answer)
+    if not answers or not all(isinstance(a, str) for a in answers):
+      raise _RowError("answer_not_text", f"the answer cell {answer!r} is not text or a list of "
+                      "texts")
   loaded, key = images.load(cells, index)
   return Question(index=index, row=number, question=question, answers=answers, images=loaded,
                   image_key=key, options=options,
@@ -214,11 +218,6 @@ def _option_letter(answer: str, options: dict[str, str]) -> str:
     return by_text[0]
   raise _RowError("answer_not_in_options",
                   f"the answer {answer!r} is not among the options {', '.join(options)}")
-
-
-def _answer_list(answer: str) -> list[str]:
-  """Several accepted answers may be stored as a list literal (an empty one is a plain answer)."""
-  return _cell_list(answer) or [answer]
 
 
 def _cell_list(cell: str) -> list[str]:

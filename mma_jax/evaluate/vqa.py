@@ -262,32 +262,3 @@ def dataset_row_score(dataset_name: str, prediction: str, answer_cell: str) -> f
   """row_score for a benchmark's row, from the raw answer cell."""
   return row_score(method_for(dataset_name), prediction, answers_from_cell(answer_cell),
                    dataset_name)
-
-
-def summarize(scores: Sequence[float], splits: Sequence[str] | None = None,
-              categories: Sequence[str] | None = None) -> dict[str, float]:
-  """The figures (percent) evaluate_heuristic reports from the rows' scores: with a split column,
-  one per split and "Overall" (categories ignored); without, "Overall" and one per category (a
-  category named "Overall" replaces it, as there)."""
-  def percent(selected):
-    return 100 * (math.fsum(selected) / len(selected) if selected else math.nan)
-
-  figures = {}
-  if splits is not None:
-    for split in set(splits):
-      figures[split] = percent([s for s, row_split in zip(scores, splits) if row_split == split])
-    figures["Overall"] = percent(list(scores))
-    return figures
-  figures["Overall"] = percent(list(scores))
-  for category in sorted(set(categories or ())):
-    figures[category] = percent([s for s, c in zip(scores, categories) if c == category])
-  return figures
-
-
-def file_metrics(dataset_name: str, predictions: Sequence[str], answer_cells: Sequence[str],
-                 splits: Sequence[str] | None = None,
-                 categories: Sequence[str] | None = None) -> dict[str, float]:
-  """VLMEvalKit's headline figures (percent) for a whole prediction file of this benchmark."""
-  scores = [dataset_row_score(dataset_name, prediction, cell)
-            for prediction, cell in zip(predictions, answer_cells, strict=True)]
-  return summarize(scores, splits, categories)
