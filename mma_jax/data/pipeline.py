@@ -62,7 +62,7 @@ class LayoutInput:
   caption: str | None = None
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
   """tfds Text features read back as bytes; in-memory sources may hold str."""
   if isinstance(value, (bytes, np.bytes_)):
     return bytes(value).decode("utf-8")
@@ -72,10 +72,10 @@ def _text(value) -> str:
 
 
 def easy_vqa_input(record) -> LayoutInput:
-  question = _text(record["question"])
+  question = as_text(record["question"])
   conversation = Conversation(
       [("user", "<image>\n" + VQA_PROMPT.format(question=question)),
-       ("assistant", _text(record["answer"]))], num_images=1)
+       ("assistant", as_text(record["answer"]))], num_images=1)
   return LayoutInput(f"image {int(record['image_id'])}: {question!r}", [record["image"]],
                      conversation=conversation)
 
@@ -86,21 +86,21 @@ def llava_instruct_input(record) -> LayoutInput:
   if len(roles) != len(contents):
     raise TypeError("conversations hold different numbers of roles and contents")
   images = list(record["images"])
-  conversation = Conversation([(_text(r), _text(c)) for r, c in zip(roles, contents)],
+  conversation = Conversation([(as_text(r), as_text(c)) for r, c in zip(roles, contents)],
                               num_images=len(images))
-  return LayoutInput(_text(record["id"]), images, conversation=conversation)
+  return LayoutInput(as_text(record["id"]), images, conversation=conversation)
 
 
 def image_captions_input(record) -> LayoutInput:
-  return LayoutInput(_text(record["image_file"]), [record["image"]],
-                     caption=_text(record["caption"]))
+  return LayoutInput(as_text(record["image_file"]), [record["image"]],
+                     caption=as_text(record["caption"]))
 
 
 def _record_label(record) -> str:
   """Names a record in log lines before it is read (it may be malformed)."""
   for key in ("id", "image_file"):
     try:
-      return _text(record[key])
+      return as_text(record[key])
     except (KeyError, TypeError, IndexError):
       pass
   return "<record without an id>"

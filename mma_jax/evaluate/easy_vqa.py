@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mma_jax.data.images import preprocess, resizes_first
 from mma_jax.data.packing import example_fields, merge_row
-from mma_jax.data.pipeline import _text, easy_vqa_input, with_system
+from mma_jax.data.pipeline import as_text, easy_vqa_input, with_system
 from mma_jax.layout import ChatLayout
 from mma_jax.sharding import batch_sharding, batch_shards
 from mma_jax.train.loss import answer_positions
@@ -51,14 +51,14 @@ def baselines(train_source, test_source) -> tuple[float, float]:
   overall = collections.Counter()
   for i in range(len(train_source)):
     record = train_source[i]
-    question, answer = _text(record["question"]), _text(record["answer"])
+    question, answer = as_text(record["question"]), as_text(record["answer"])
     by_question[question][answer] += 1
     overall[answer] += 1
   majority_answer = overall.most_common(1)[0][0]
   majority = text_only = 0
   for i in range(len(test_source)):
     record = test_source[i]
-    question, answer = _text(record["question"]), _text(record["answer"])
+    question, answer = as_text(record["question"]), as_text(record["answer"])
     majority += answer == majority_answer
     guess = by_question[question].most_common(1)[0][0] if question in by_question else (
         majority_answer)
@@ -116,7 +116,7 @@ def evaluate(graphdef, params, frozen, layout: ChatLayout, source, *, image_size
       with jax.set_mesh(mesh):
         correct = correct_rows(params, frozen, shard_batch(batch, mesh), slots)
     for i, (record, ok) in enumerate(zip(records, np.asarray(correct)), start=start):
-      kind = _text(record["question_type"])
+      kind = as_text(record["question_type"])
       tally[kind][0] += int(ok)
       tally[kind][1] += 1
       if on_result is not None:

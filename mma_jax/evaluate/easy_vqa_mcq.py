@@ -24,13 +24,13 @@ from tqdm import tqdm
 
 
 def answer_vocabulary(source) -> list[str]:
-  from mma_jax.data.pipeline import _text
-  return sorted({_text(source[i]["answer"]) for i in range(len(source))})
+  from mma_jax.data.pipeline import as_text
+  return sorted({as_text(source[i]["answer"]) for i in range(len(source))})
 
 
 def write_mcq_tsv(source, path: str | pathlib.Path, *, answers: list[str], num_options: int = 4,
                   limit: int = 0, seed: int = 0, progress: bool = True) -> pathlib.Path:
-  from mma_jax.data.pipeline import _text
+  from mma_jax.data.pipeline import as_text
   if not 2 <= num_options <= min(len(answers), 26):
     raise ValueError(f"--options must be between 2 and {min(len(answers), 26)}, "
                      f"got {num_options}")
@@ -45,7 +45,7 @@ def write_mcq_tsv(source, path: str | pathlib.Path, *, answers: list[str], num_o
     writer.writerow(["index", "question", *letters, "answer", "category", "image"])
     for i in tqdm(range(count), desc="easy_vqa mcq", unit="question", disable=not progress):
       record = source[i]
-      gold = _text(record["answer"])
+      gold = as_text(record["answer"])
       others = [a for a in answers if a != gold]
       options = [gold, *rng.choice(others, num_options - 1, replace=False).tolist()]
       options = [options[k] for k in rng.permutation(num_options)]
@@ -55,8 +55,8 @@ def write_mcq_tsv(source, path: str | pathlib.Path, *, answers: list[str], num_o
       else:
         image_rows[image] = i
         image_cell = _png_base64(np.asarray(record["image"]))
-      writer.writerow([i, _text(record["question"]), *options, letters[options.index(gold)],
-                       _text(record["question_type"]), image_cell])
+      writer.writerow([i, as_text(record["question"]), *options, letters[options.index(gold)],
+                       as_text(record["question_type"]), image_cell])
   return path
 
 

@@ -68,7 +68,7 @@ def settings_of(loaded: LoadedModel, mode: str) -> dict:
 def run_easy_vqa(loaded: LoadedModel, progress: bool = True) -> tuple[dict, list[dict], list[str]]:
   """(report, predictions, the lines train.py prints)."""
   from mma_jax.data.builder_utils import prepare_packaged
-  from mma_jax.data.pipeline import _text
+  from mma_jax.data.pipeline import as_text
   from mma_jax.evaluate import easy_vqa
 
   config = loaded.config
@@ -76,10 +76,10 @@ def run_easy_vqa(loaded: LoadedModel, progress: bool = True) -> tuple[dict, list
   predictions = []
 
   def keep(i, record, correct):
-    predictions.append({"index": i, "question": _text(record["question"]),
-                        "question_type": _text(record["question_type"]),
+    predictions.append({"index": i, "question": as_text(record["question"]),
+                        "question_type": as_text(record["question_type"]),
                         "generation": None, "extracted": None,
-                        "answer": _text(record["answer"]), "correct": correct})
+                        "answer": as_text(record["answer"]), "correct": correct})
 
   result = easy_vqa.evaluate_config(config, loaded.graphdef, loaded.params, loaded.frozen,
                                     mesh=loaded.mesh, on_result=keep, progress=progress)
