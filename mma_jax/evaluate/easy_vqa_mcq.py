@@ -3,9 +3,10 @@
 
 Writes easy_vqa as a multiple-choice benchmark in VLMEvalKit's TSV format, so that the demo
 checkpoint can be scored the way the paper's MCQ benchmarks are (eval.py --benchmark OUT.tsv, in
-generate or loglik mode). Each question's options are its answer and distractors drawn from all
-easy_vqa answers (so a colour question may offer "no"), shuffled; the seed makes the file
-reproducible. Columns: index, question, A.., answer (letter), category (question type), image
+generate or loglik mode). Each question's options are its answer and distractors drawn from the
+answers of its own question type (up to --options; a yes/no question offers yes and no, a shape
+question the three shapes), shuffled, so that no option can be ruled out by its type alone; the
+seed makes the file reproducible. Columns: index, question, A.., answer (letter), category (question type), image
 (base64 PNG, stored once and referred to by index afterwards, as VLMEvalKit's files do).
 """
 from __future__ import annotations
@@ -23,17 +24,22 @@ from PIL import Image
 from tqdm import tqdm
 
 
-def answer_vocabulary(source) -> list[str]:
+def answer_vocabulary(source) -> dict[str, list[str]]:
+  """{question type: its answers, sorted}."""
   from mma_jax.data.pipeline import as_text
-  return sorted({as_text(source[i]["answer"]) for i in range(len(source))})
+  answers = {}
+  for i in range(len(source)):
+    record = source[i]
+    answers.setdefault(as_text(record["question_type"]), set()).add(as_text(record["answer"]))
+  return {kind: sorted(values) for kind, values in sorted(answers.items())}
 
 
-def write_mcq_tsv(source, path: str | pathlib.Path, *, answers: list[str], num_options: int = 4,
-                  limit: int = 0, seed: int = 0, progress: bool = True) -> pathlib.Path:
+def write_mcq_tsv(source, path: str | pathlib.Path, *, answers: dict[str, list[str]],
+                  num_options: int = 4, limit: int = 0, seed: int = 0,
+                  progress: bool = True) -> pathlib.Path:
   from mma_jax.data.pipeline import as_text
-  if not 2 <= num_options <= min(len(answers), 26):
-    raise ValueError(f"--options must be between 2 and {min(len(answers), 26)}, "
-                     f"got {num_options}")
+  if not 2 <= num_options <= 26:
+    raise ValueError(f"--options must be between 2 and 26, got {num_options}")
   rng = np.random.default_rng(seed)
   letters = list(string.ascii_uppercase[:num_options])
   count = min(limit, len(source)) if limit else len(source)
@@ -45,18 +51,20 @@ def write_mcq_tsv(source, path: str | pathlib.Path, *, answers: list[str], num_o
     writer.writerow(["index", "question", *letters, "answer", "category", "image"])
     for i in tqdm(range(count), desc="easy_vqa mcq", unit="question", disable=not progress):
       record = source[i]
-      gold = as_text(record["answer"])
-      others = [a for a in answers if a != gold]
-      options = [gold, *rng.choice(others, num_options - 1, replace=False).tolist()]
-      options = [options[k] for k in rng.permutation(num_options)]
+      gold, kind = as_text(record["answer"]), as_text(record["question_type"])
+      others = [a for a in answers[kind] if a != gold]
+      count = min(num_options - 1, len(others))
+      options = [gold, *rng.choice(others, count, replace=False).tolist()]
+      options = [options[k] for k in rng.permutation(len(options))]
       image = np.asarray(record["image"]).tobytes()
       if image in image_rows:
         image_cell = str(image_rows[image])
       else:
         image_rows[image] = i
         image_cell = _png_base64(np.asarray(record["image"]))
-      writer.writerow([i, as_text(record["question"]), *options, letters[options.index(gold)],
-                       as_text(record["question_type"]), image_cell])
+      cells = options + [""] * (num_options - len(options))       # an empty cell: no option
+      writer.writerow([i, as_text(record["question"]), *cells, letters[options.index(gold)],
+                       kind, image_cell])
   return path
 
 
