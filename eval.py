@@ -12,8 +12,8 @@ checkpoint (config.yaml + params/) on a benchmark, sharded over the config's mes
 
 Prints per-category lines and the headline metrics last; with --output writes report.json,
 report.md and predictions.jsonl there (a benchmark file's predictions as each batch finishes:
-re-running the same command after an interruption answers only the rest). Exit 2: a missing checkpoint, an unknown benchmark, an
-unreadable file or a bad option.
+re-running the same command after an interruption answers only the rest). Exit 2: a missing
+checkpoint, an unknown benchmark, an unreadable file or a bad option.
 """
 from __future__ import annotations
 

@@ -293,11 +293,11 @@ class Generator:
     return np.asarray(logits)[:count]
 
   def option_logprobs(self, conversations: list[Conversation], images: list[list],
-                      options: list[list[str]]) -> list[list[float]]:
-    """For each conversation and each of its options: the summed log-probability of the option's
-    tokens as the assistant's answer (its end-of-answer token excluded), teacher-forced under the
-    layout's mask (MMA: the images see the question, never the option). One forward per pair,
-    batched `len(conversations)` pairs at a time."""
+                      options: list[list[str]]) -> list[list[tuple[float, int]]]:
+    """For each conversation and each of its options: (the summed log-probability of the option's
+    tokens as the assistant's answer, their number), the end-of-answer token excluded,
+    teacher-forced under the layout's mask (MMA: the images see the question, never the option).
+    One forward per pair, batched `len(conversations)` pairs at a time."""
     pixels = self._preprocess(conversations, images)
     pairs = [(fields, pics) for fields_list, pics in
              zip(self._option_fields(conversations, options), pixels) for fields in fields_list]
@@ -305,13 +305,8 @@ class Generator:
     scores = []
     for start in range(0, len(pairs), size):
       scores += self._score_pairs(pairs[start:start + size], size)
-    return _regroup(scores, options)
-
-  def option_lengths(self, conversations: list[Conversation],
-                     options: list[list[str]]) -> list[list[int]]:
-    """The number of tokens `option_logprobs` sums over, per option (for length-normalising)."""
-    return [[int(f["loss_mask"].sum()) for f in fields_list]
-            for fields_list in self._option_fields(conversations, options)]
+    counts = [int(fields["loss_mask"].sum()) for fields, _ in pairs]
+    return _regroup(list(zip(scores, counts)), options)
 
   def _option_fields(self, conversations, options) -> list[list[dict]]:
     """Per conversation, per option: the answered conversation's fields with only the option's

@@ -235,10 +235,8 @@ class FakeGenerator:
   def option_logprobs(self, conversations, images, options):
     self.sizes.append(len(conversations))
     self.options.append(options[0])
-    return [[-float(len(opts) - k) for k in range(len(opts))] for opts in options]
-
-  def option_lengths(self, conversations, options):
-    return [[6] + [1] * (len(opts) - 1) for opts in options]
+    return [[(-float(len(opts) - k), 6 if k == 0 else 1) for k in range(len(opts))]
+            for opts in options]
 
 
 def tiny_loaded(easy_vqa_dir, *overrides):

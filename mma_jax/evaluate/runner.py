@@ -204,9 +204,8 @@ class TsvRun:
     if self.mode == "loglik":
       choices = [self._choices(p.question) for p in batch]
       choices += [choices[-1]] * pad
-      sums = self.generator.option_logprobs(conversations, images, choices)
-      lengths = self.generator.option_lengths(conversations, choices)
-      return [self._loglik_row(p, s, n) for p, s, n in zip(batch, sums, lengths)]
+      scored = self.generator.option_logprobs(conversations, images, choices)
+      return [self._loglik_row(p, s) for p, s in zip(batch, scored)]
     generations = self.generator.generate(conversations, images, self.sampling())
     return [self._generated_row(p, g) for p, g in zip(batch, generations)]
 
@@ -221,11 +220,12 @@ class TsvRun:
       return list(question.options)
     return [str(text) for text in question.options.values()]
 
-  def _loglik_row(self, prepared: Prepared, sums, lengths) -> dict:
+  def _loglik_row(self, prepared: Prepared, scored: list[tuple[float, int]]) -> dict:
+    """scored: per option, (summed log-probability, tokens), as Generator.option_logprobs."""
     question = prepared.question
     letters = list(question.options)
-    logprobs = {letter: float(s) for letter, s in zip(letters, sums)}
-    tokens = dict(zip(letters, map(int, lengths)))
+    logprobs = {letter: float(s) for letter, (s, _) in zip(letters, scored)}
+    tokens = {letter: int(n) for letter, (_, n) in zip(letters, scored)}
     ranked = ({l: logprobs[l] / max(tokens[l], 1) for l in letters} if self.length_normalized
               else logprobs)
     extracted = max(letters, key=ranked.get)
@@ -268,4 +268,4 @@ class TsvRun:
     bar.close()
     skipped.sort(key=lambda s: s.row)
     return scoring.scored_report(self.benchmark, scoring.with_predictions(predictions), skipped,
-                         checkpoint=self.loaded.describe(), settings=self.settings())
+                                 checkpoint=self.loaded.describe(), settings=self.settings())
