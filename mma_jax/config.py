@@ -8,6 +8,7 @@ of the wrong type, a value outside a fixed set of choices or an invalid combinat
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import types
 import typing
@@ -135,6 +136,31 @@ class OriginConfig:
                                          # original tokenizer are unused there)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_TRAINABLE = ("connector", "embed", "lm_head", "head_bias")
+
+
+@dataclass
+class LoraConfig:
+  """Low-rank adapters (models/lora.py): y = x W + (alpha / rank) * dropout(x) A B on the chosen
+  decoder projections (Phi-3's fused qkv/gate_up are split in our model, so any subset works),
+  optionally on every connector projection; A [in, rank] starts as torch's Linear init, B [rank,
+  out] at zero (PEFT's defaults), so training starts exactly at the base model. With rank > 0 the
+  base weights are frozen (outside the optimizer, stored in `base_dtype`) and only the adapters
+  and the modules listed in `trainable` are trained."""
+  rank: int = 0                          # 0 = no LoRA
+  alpha: float = 16.0                    # scale = alpha / rank (PEFT's default, not rsLoRA)
+  dropout: float = 0.0                   # on the adapter input, training steps only
+  targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+  connector: bool = False                # adapters on the connector's projections too
+  trainable: list[str] = field(default_factory=lambda: ["connector"])   # trained in full
+  base_dtype: Literal["float32", "bfloat16"] = "float32"   # storage of the frozen base
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+
 @dataclass
 class ModelConfig:
   llm: LLMConfig = field(default_factory=LLMConfig)
@@ -151,7 +177,9 @@ class ModelConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
   scan_layers: bool = False              # lax.scan over the stacked decoder layers
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"   # per-layer rematerialisation
-  init_from: str = ""                    # a converted checkpoint directory
+  init_from: str = ""                    # a converted checkpoint directory (or, for LoRA, a
+                                         # training run directory: its newest checkpoint)
+  lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -179,8 +207,31 @@ class MeshConfig:
 
 # ---------------------------------------------------------------------------------------------- data
 @dataclass
+class MixtureEntry:
+  """One component of `data.mixture` (data/mixture.py reads it). `dataset`: a registered tfds
+  builder (with `name/config` for a builder config) or `webdataset` (caption tar shards);
+  `weight`: its share of the drawn examples (the weights are normalised); `name`: its label in
+  the counts and metrics (default: the dataset, `/` and `:` as `_`); `split` / `eval_split`:
+  default data.train_split / data.eval_split; `data_dir`: where the built tfds dataset lives
+  (default data.data_dir, else the tfds default); `manual_dir`: the original files it is built
+  from when not built yet; `shards`: webdataset tar files or glob patterns. Relative paths
+  resolve under data.root."""
+  dataset: str = ""
+  weight: float = 0.0
+  name: str = ""
+  split: str = ""
+  eval_split: str = ""
+  data_dir: str = ""
+  manual_dir: str = ""
+  shards: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
-  dataset: str = "easy_vqa"
+  dataset: str = "easy_vqa"              # one dataset; with data.mixture it reads "mixture"
+  # Several datasets drawn with weights (grain's mixing), packed together, counted per component.
+  mixture: list[MixtureEntry] = field(default_factory=list)
+  root: str = ""                         # relative data_dir, manual_dir, shards resolve under it
   data_dir: str = ""
   train_split: str = "train"
   eval_split: str = "test"
@@ -434,9 +485,62 @@ def validate_connector(connector: ConnectorConfig, prefix: str = "model.connecto
   _check(connector.layer_norm_eps > 0, f"{prefix}.layer_norm_eps", "must be positive")
 
 
+def validate_lora(m: ModelConfig, prefix: str = "model.lora") -> None:
+  lora = m.lora
+  _check(lora.rank >= 0, f"{prefix}.rank", f"{lora.rank} must be >= 0 (0 = no LoRA)")
+  if not lora.enabled:
+    return
+  _check(lora.alpha > 0, f"{prefix}.alpha", f"{lora.alpha} must be positive")
+  _check(0.0 <= lora.dropout < 1.0, f"{prefix}.dropout", f"{lora.dropout} must lie in [0, 1)")
+  for key, values, allowed in (("targets", lora.targets, LORA_TARGETS),
+                               ("trainable", lora.trainable, LORA_TRAINABLE)):
+    for v in values:
+      _check(v in allowed, f"{prefix}.{key}", f"{v!r} is not one of: {', '.join(allowed)}")
+    _check(len(set(values)) == len(values), f"{prefix}.{key}", f"{values} repeats a name")
+  _check(bool(lora.targets) or lora.connector, f"{prefix}.targets",
+         "is empty and model.lora.connector is false: no adapter would be trained")
+  _check(m.connector is not None or not lora.connector, f"{prefix}.connector",
+         "is true but the model has no connector")
+  _check(not (lora.connector and "connector" in lora.trainable), f"{prefix}.trainable",
+         "lists 'connector', which model.lora.connector=true puts under adapters: choose one")
+  _check(m.llm.head_bias or "head_bias" not in lora.trainable, f"{prefix}.trainable",
+         "lists 'head_bias' but model.llm.head_bias is false")
+  _check(not m.llm.tie_word_embeddings or "lm_head" not in lora.trainable, f"{prefix}.trainable",
+         "lists 'lm_head' but the head is tied to the embedding (train 'embed')")
+
+
+def validate_mixture(data: DataConfig) -> None:
+  """Each data.mixture entry whole and its names unique; with a mixture, data.dataset reads
+  "mixture" (it may be left at its default; another dataset there is a contradiction)."""
+  if not data.mixture:
+    return
+  _check(data.dataset in ("easy_vqa", "", "mixture"), "data.dataset",
+         f"{data.dataset!r} and data.mixture are alternatives: remove one of them")
+  data.dataset = "mixture"
+  names = {}
+  for i, entry in enumerate(data.mixture):
+    key = f"data.mixture[{i}]" + (f" ({entry.dataset})" if entry.dataset else "")
+    _check(bool(entry.dataset), key, "needs a dataset")
+    _check(math.isfinite(entry.weight) and entry.weight > 0, f"{key}.weight",
+           f"{entry.weight} must be a positive number")
+    name = entry.name or entry.dataset.replace("/", "_").replace(":", "_")
+    _check("/" not in name, f"{key}.name", f"{name!r} must not hold '/' (it names metrics)")
+    _check(name not in names, f"{key}.name", f"{name!r} is also the name of data.mixture"
+           f"[{names.get(name)}]: give one of them its own name")
+    names[name] = i
+    if entry.dataset == "webdataset":
+      _check(bool(entry.shards), f"{key}.shards", "a webdataset entry needs its tar shards "
+             "(files or glob patterns)")
+      _check(not (entry.data_dir or entry.manual_dir), key, "a webdataset entry reads its "
+             "shards only: no data_dir or manual_dir")
+    else:
+      _check(not entry.shards, f"{key}.shards", "only webdataset entries read shards")
+
+
 def validate(config: Config) -> None:
   validate_llm(config.model.llm)
   m = config.model
+  validate_lora(m)
   if m.vision is not None:
     validate_vision(m.vision)
   if m.connector is not None:
@@ -455,6 +559,7 @@ def validate(config: Config) -> None:
   _check(config.mesh.fsdp_transpose >= 0, "mesh.fsdp_transpose",
          f"{config.mesh.fsdp_transpose} must be 0 (chosen for the model) or a divisor of mesh.fsdp")
   _check(config.data.max_length > 0, "data.max_length", "must be positive")
+  validate_mixture(config.data)
   _check(config.data.flavour != "official" or config.data.template == "phi3", "data.flavour",
          f"official reproduces the official AKI code, whose template is phi3 (data.template is "
          f"{config.data.template!r})")

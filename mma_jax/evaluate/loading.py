@@ -20,7 +20,8 @@ from mma_jax.config import Config, load_config
 from mma_jax.models import build_model, model_mesh
 from mma_jax.sharding import tree_shardings
 from mma_jax.train.checkpoint import RunCheckpoints
-from mma_jax.train.loop import initial_model
+from mma_jax.train import base
+from mma_jax.train.loop import initial_model, initial_model_and_base
 from mma_jax.train.state import split_model
 
 CONFIG_FILE = "config.yaml"
@@ -71,19 +72,31 @@ def load_for_eval(path: str | pathlib.Path, overrides=()) -> LoadedModel:
     return LoadedModel(config, mesh, graphdef, params, frozen, kind, path, None)
 
   # Abstract model -> shapes and shardings; the checkpoint's arrays land there directly.
-  abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(config.train.seed)))
-  graphdef, params, frozen = split_model(abstract, config)
+  # A LoRA run's checkpoints hold no frozen base: it is model.init_from's, checked against the
+  # base the run recorded.
+  lora = config.model.lora.enabled
+  if lora:
+    model, base_ref = initial_model_and_base(config, mesh)
+    graphdef, params, frozen = split_model(model, config)
+    del model
+  else:
+    abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(config.train.seed)))
+    graphdef, params, frozen = split_model(abstract, config)
   template = {"params": params, "frozen": frozen}
   shardings = tree_shardings(template, mesh)
   template = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           template, shardings)
+  if lora:
+    template["frozen"] = frozen
   checkpoints = RunCheckpoints(path, every=0, keep=config.checkpoint.keep, async_save=False)
   try:
-    restored = checkpoints.restore_model(template)
+    restored = checkpoints.restore_model(template, lora=lora)
   finally:
     checkpoints.close()
   if restored is None:
     raise CheckpointNotFound(f"run '{path}' holds no checkpoint in checkpoints/ that reads "
                              "into this config's model (see the errors logged above)")
-  step, state = restored
+  step, state = restored[:2]
+  if lora:
+    base.check(restored[2], base_ref, f"step {step} in {path}")
   return LoadedModel(config, mesh, graphdef, state["params"], state["frozen"], kind, path, step)

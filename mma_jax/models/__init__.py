@@ -20,7 +20,7 @@ def build_model(config: Config, rngs: nnx.Rngs) -> nnx.Module:
     return VisionTower(m.vision, dtype=m.dtype, param_dtype=m.param_dtype,
                        scan_layers=m.scan_layers, remat=m.remat, rngs=rngs)
   return DecoderLLM(m.llm, impl=a.impl, blocks=blocks, dtype=m.dtype, param_dtype=m.param_dtype,
-                    scan_layers=m.scan_layers, remat=m.remat, rngs=rngs)
+                    scan_layers=m.scan_layers, remat=m.remat, lora=m.lora, rngs=rngs)
 
 
 def model_mesh(config: Config, devices=None):

@@ -14,26 +14,33 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from mma_jax.config import ConnectorConfig, VisionConfig
+from mma_jax.config import ConnectorConfig, LoraConfig, VisionConfig
 from mma_jax.models.layers import DTYPES, LayerNorm, Linear, apply_stacked, param, stack_layers
 from mma_jax.models.vision import ACTIVATIONS, full_attention
+from mma_jax.models.lora import spec_for
 from mma_jax.sharding import constrain
+
+
+def _spec(lora: LoraConfig | None, name: str):
+  return spec_for(lora, name, f"connector.{name}", connector=True)
 
 
 class PerceiverAttention(nnx.Module):
   """Latents [B, T, E] attend to [features ; latents]; no biases on any projection."""
 
-  def __init__(self, cfg: ConnectorConfig, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ConnectorConfig, dim: int, *, dtype, param_dtype,
+               lora: LoraConfig | None = None, rngs: nnx.Rngs):
     inner = cfg.num_heads * cfg.head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     norm = dict(eps=cfg.layer_norm_eps, axis="vision_embed", **kw)
+    adapter = lambda name: dict(lora=_spec(lora, f"attn.{name}"))
     self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
     self.norm_media = LayerNorm(dim, **norm)
     self.norm_latents = LayerNorm(dim, **norm)
-    self.q = Linear(dim, inner, ("vision_embed", "connector_heads"), **kw)
-    self.k = Linear(dim, inner, ("vision_embed", "connector_heads"), **kw)
-    self.v = Linear(dim, inner, ("vision_embed", "connector_heads"), **kw)
-    self.o = Linear(inner, dim, ("connector_heads", "vision_embed"), **kw)
+    self.q = Linear(dim, inner, ("vision_embed", "connector_heads"), **adapter("q"), **kw)
+    self.k = Linear(dim, inner, ("vision_embed", "connector_heads"), **adapter("k"), **kw)
+    self.v = Linear(dim, inner, ("vision_embed", "connector_heads"), **adapter("v"), **kw)
+    self.o = Linear(inner, dim, ("connector_heads", "vision_embed"), **adapter("o"), **kw)
 
   def __call__(self, features, latents):
     x, latents = self.norm_media(features), self.norm_latents(latents)
@@ -47,19 +54,23 @@ class PerceiverAttention(nnx.Module):
 class FeedForward(nnx.Module):
   """LayerNorm -> Linear up (no bias) -> exact GELU -> Linear down (no bias)."""
 
-  def __init__(self, cfg: ConnectorConfig, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ConnectorConfig, dim: int, *, dtype, param_dtype,
+               lora: LoraConfig | None = None, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = LayerNorm(dim, eps=cfg.layer_norm_eps, axis="vision_embed", **kw)
-    self.up = Linear(dim, dim * cfg.ff_mult, ("vision_embed", "connector_mlp"), **kw)
-    self.down = Linear(dim * cfg.ff_mult, dim, ("connector_mlp", "vision_embed"), **kw)
+    self.up = Linear(dim, dim * cfg.ff_mult, ("vision_embed", "connector_mlp"),
+                     lora=_spec(lora, "ff.up"), **kw)
+    self.down = Linear(dim * cfg.ff_mult, dim, ("connector_mlp", "vision_embed"),
+                       lora=_spec(lora, "ff.down"), **kw)
 
   def __call__(self, x):
     return self.down(ACTIVATIONS["gelu"](self.up(self.norm(x))))
 
 
 class PerceiverLayer(nnx.Module):
-  def __init__(self, cfg: ConnectorConfig, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: ConnectorConfig, dim: int, *, dtype, param_dtype,
+               lora: LoraConfig | None = None, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
     self.attn = PerceiverAttention(cfg, dim, **kw)
     self.ff = FeedForward(cfg, dim, **kw)
 
@@ -76,18 +87,18 @@ class PerceiverResampler(nnx.Module):
 
   def __init__(self, cfg: ConnectorConfig, vision_dim: int, llm_dim: int, *,
                dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False,
-               remat: str = "none", rngs: nnx.Rngs):
+               remat: str = "none", lora: LoraConfig | None = None, rngs: nnx.Rngs):
     self.cfg, self.scan_layers, self.remat = cfg, scan_layers, remat
     kw = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
     self.dtype = kw["dtype"]
     # The official init is randn (std 1).
     self.latents = param(rngs, nnx.initializers.normal(1.0), (cfg.num_latents, vision_dim),
                          (None, "vision_embed"), kw["param_dtype"])
-    self.layers = stack_layers(lambda r: PerceiverLayer(cfg, vision_dim, rngs=r, **kw),
+    self.layers = stack_layers(lambda r: PerceiverLayer(cfg, vision_dim, lora=lora, rngs=r, **kw),
                                cfg.depth, rngs)
     self.norm = LayerNorm(vision_dim, eps=cfg.layer_norm_eps, axis="vision_embed", rngs=rngs, **kw)
     self.projection = Linear(vision_dim, llm_dim, ("vision_embed", "embed"), use_bias=True,
-                             rngs=rngs, **kw)
+                             lora=_spec(lora, "projection"), rngs=rngs, **kw)
 
   def __call__(self, features):
     features = features.astype(self.dtype)
@@ -103,12 +114,15 @@ class MLPProjector(nnx.Module):
   """LLaVA: features [B, N, vision_dim] -> linear_1 -> act -> linear_2 -> [B, N, llm_dim]."""
 
   def __init__(self, cfg: ConnectorConfig, vision_dim: int, llm_dim: int, *,
-               dtype: str = "float32", param_dtype: str = "float32", rngs: nnx.Rngs):
+               dtype: str = "float32", param_dtype: str = "float32",
+               lora: LoraConfig | None = None, rngs: nnx.Rngs):
     kw = dict(use_bias=cfg.mlp_bias, dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype],
               rngs=rngs)
     self.act = ACTIVATIONS[cfg.mlp_act]
-    self.linear_1 = Linear(vision_dim, llm_dim, ("vision_embed", "connector_mlp"), **kw)
-    self.linear_2 = Linear(llm_dim, llm_dim, ("connector_mlp", "embed"), **kw)
+    self.linear_1 = Linear(vision_dim, llm_dim, ("vision_embed", "connector_mlp"),
+                           lora=_spec(lora, "linear_1"), **kw)
+    self.linear_2 = Linear(llm_dim, llm_dim, ("connector_mlp", "embed"),
+                           lora=_spec(lora, "linear_2"), **kw)
 
   def __call__(self, features):
     return self.linear_2(self.act(self.linear_1(features)))
@@ -117,8 +131,9 @@ class MLPProjector(nnx.Module):
 def build_connector(cfg: ConnectorConfig, vision_dim: int, llm_dim: int, *,
                     dtype: str = "float32", param_dtype: str = "float32",
                     scan_layers: bool = False, remat: str = "none",
-                    rngs: nnx.Rngs) -> nnx.Module:
-  kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    lora: LoraConfig | None = None, rngs: nnx.Rngs) -> nnx.Module:
+  """lora: adapters on every projection when lora.connector is set."""
+  kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
   if cfg.type == "perceiver":
     return PerceiverResampler(cfg, vision_dim, llm_dim, scan_layers=scan_layers, remat=remat,
                               **kw)

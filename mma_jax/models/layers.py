@@ -6,10 +6,13 @@ Kernels are stored [in, out] (HF stores [out, in]; convert/ transposes).
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mma_jax.models import lora as lora_lib
 from mma_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -23,21 +26,33 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nn
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias); kernel [in, out] with logical axes (in_axis, out_axis)."""
+  """y = x @ kernel (+ bias); kernel [in, out] with logical axes (in_axis, out_axis).
+
+  lora: a LoraSpec adds the adapter lora_a [in, r] (in_axis, None), lora_b [r, out] (None,
+  out_axis) to the output (models/lora.py); None: a plain Linear with no extra parameters."""
 
   def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *,
                use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-               init_std: float = 0.02, rngs: nnx.Rngs):
+               init_std: float = 0.02, lora: lora_lib.LoraSpec | None = None, rngs: nnx.Rngs):
     self.dtype = dtype
     self.kernel = param(rngs, nnx.initializers.normal(init_std), (in_features, out_features),
                         axes, param_dtype)
     self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), (axes[1],), param_dtype)
                  if use_bias else None)
+    self.lora = lora
+    if lora is not None:
+      self.lora_a = param(rngs, lora_lib.init_a, (in_features, lora.rank), (axes[0], None),
+                          param_dtype)
+      self.lora_b = param(rngs, nnx.initializers.zeros, (lora.rank, out_features),
+                          (None, axes[1]), param_dtype)
 
   def __call__(self, x):
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + lora_lib.adapter_delta(x, self.lora_a[...], self.lora_b[...], self.lora,
+                                     self.dtype)
     return y
 
 
@@ -133,17 +148,24 @@ def scan_stacked(layers, carry, step, xs=None, *, num_layers: int, scan: bool,
     graphdef, scan = nnx.graphdef(layers[0]), False
     layer_state = lambda i: nnx.state(layers[i])
 
+  # LoRA dropout (a training step's scope only) draws other masks in every layer: the layer
+  # index rides along as a scan input. Without the scope the program is unchanged.
+  indexed = lora_lib.dropout_active()
+
   def body(carry, inputs):
-    layer_state, x = inputs
-    return step(nnx.merge(graphdef, layer_state), carry, x)
+    layer_state, x, *index = inputs
+    with lora_lib.layer_scope(index[0]) if indexed else contextlib.nullcontext():
+      return step(nnx.merge(graphdef, layer_state), carry, x)
 
   if remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+  extra = (jnp.arange(num_layers),) if indexed else ()
   if scan:
-    return jax.lax.scan(body, carry, (state, xs))
+    return jax.lax.scan(body, carry, (state, xs, *extra))
   ys = []
   for i in range(num_layers):
-    carry, y = body(carry, (layer_state(i), jax.tree.map(lambda a: a[i], xs)))
+    carry, y = body(carry, (layer_state(i), jax.tree.map(lambda a: a[i], xs),
+                            *(e[i] for e in extra)))
     ys.append(y)
   return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else None   # 0 layers: none
 

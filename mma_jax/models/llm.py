@@ -15,9 +15,10 @@ import numpy as np
 from flax import nnx
 
 from mma_jax.attention import attend, cached_attention, materialize
-from mma_jax.config import LLMConfig, RopeConfig
+from mma_jax.config import LLMConfig, LoraConfig, RopeConfig
 from mma_jax.models.layers import (DTYPES, Embed, Linear, RMSNorm, apply_stacked, param,
                                    scan_stacked, stack_layers, stacked_layer)
+from mma_jax.models.lora import spec_for
 from mma_jax.sharding import constrain
 
 
@@ -77,15 +78,16 @@ def apply_rotary(x, cos, sin):
 # ---------------------------------------------------------------------------------------- blocks
 class Attention(nnx.Module):
   def __init__(self, cfg: LLMConfig, *, impl: str, blocks: tuple[int, int], dtype, param_dtype,
-               rngs: nnx.Rngs):
+               lora: LoraConfig | None = None, rngs: nnx.Rngs):
     e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    adapter = lambda name: dict(lora=spec_for(lora, name, f"llm.attn.{name}"))
     self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
     self.impl, self.blocks = impl, blocks
-    self.q = Linear(e, h * d, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
-    self.k = Linear(e, k * d, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
-    self.v = Linear(e, k * d, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
-    self.o = Linear(h * d, e, ("heads", "embed"), **kw)
+    self.q = Linear(e, h * d, ("embed", "heads"), use_bias=cfg.qkv_bias, **adapter("q"), **kw)
+    self.k = Linear(e, k * d, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **adapter("k"), **kw)
+    self.v = Linear(e, k * d, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **adapter("v"), **kw)
+    self.o = Linear(h * d, e, ("heads", "embed"), **adapter("o"), **kw)
 
   def __call__(self, x, cos, sin, segment_ids, window_lo, window_hi):
     return self.prefill(x, cos, sin, segment_ids, window_lo, window_hi)[0]
@@ -141,12 +143,14 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, lora: LoraConfig | None = None,
+               rngs: nnx.Rngs):
     e, f = cfg.hidden_size, cfg.intermediate_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.gate = Linear(e, f, ("embed", "mlp"), **kw)
-    self.up = Linear(e, f, ("embed", "mlp"), **kw)
-    self.down = Linear(f, e, ("mlp", "embed"), **kw)
+    adapter = lambda name: dict(lora=spec_for(lora, name, f"llm.mlp.{name}"))
+    self.gate = Linear(e, f, ("embed", "mlp"), **adapter("gate"), **kw)
+    self.up = Linear(e, f, ("embed", "mlp"), **adapter("up"), **kw)
+    self.down = Linear(f, e, ("mlp", "embed"), **adapter("down"), **kw)
 
   def __call__(self, x):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -154,12 +158,12 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
   def __init__(self, cfg: LLMConfig, *, impl: str, blocks: tuple[int, int], dtype, param_dtype,
-               rngs: nnx.Rngs):
+               lora: LoraConfig | None = None, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-    self.attn = Attention(cfg, impl=impl, blocks=blocks, **kw)
+    self.attn = Attention(cfg, impl=impl, blocks=blocks, lora=lora, **kw)
     self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-    self.mlp = MLP(cfg, **kw)
+    self.mlp = MLP(cfg, lora=lora, **kw)
 
   def __call__(self, x, cos, sin, segment_ids, window_lo, window_hi):
     x = constrain(x, ("batch", None, None))
@@ -182,16 +186,17 @@ class DecoderLayer(nnx.Module):
 class DecoderLLM(nnx.Module):
   """tokens or input embeddings + the mask vectors -> f32 logits [B, L, V].
 
-  impl/blocks: the attention implementation and its (block_q, block_kv) tiles (flash)."""
+  impl/blocks: the attention implementation and its (block_q, block_kv) tiles (flash).
+  lora: adapters on the projections model.lora.targets names (None or rank 0: none)."""
 
   def __init__(self, cfg: LLMConfig, *, impl: str = "auto", blocks: tuple[int, int] = (128, 128),
                dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False,
-               remat: str = "none", rngs: nnx.Rngs):
+               remat: str = "none", lora: LoraConfig | None = None, rngs: nnx.Rngs):
     self.cfg, self.scan_layers, self.remat = cfg, scan_layers, remat
     kw = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
     self.embed = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
     self.layers = stack_layers(
-        lambda r: DecoderLayer(cfg, impl=impl, blocks=tuple(blocks), rngs=r, **kw),
+        lambda r: DecoderLayer(cfg, impl=impl, blocks=tuple(blocks), lora=lora, rngs=r, **kw),
         cfg.num_layers, rngs)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
     self.lm_head = (None if cfg.tie_word_embeddings else

@@ -29,8 +29,8 @@ class MultimodalDecoder(nnx.Module):
     self.tokens_per_image = tokens_per_image(cfg.connector, cfg.vision)
     self.vision = VisionTower(cfg.vision, rngs=rngs, **kw)
     self.connector = build_connector(cfg.connector, cfg.vision.hidden_size, cfg.llm.hidden_size,
-                                     rngs=rngs, **kw)
-    self.llm = DecoderLLM(cfg.llm, impl=impl, blocks=blocks, rngs=rngs, **kw)
+                                     lora=cfg.lora, rngs=rngs, **kw)
+    self.llm = DecoderLLM(cfg.llm, impl=impl, blocks=blocks, lora=cfg.lora, rngs=rngs, **kw)
 
   def image_rows(self, images):
     """images [B, N, H, W, C] -> LLM-width rows [B, N * T, E]."""

@@ -1,5 +1,8 @@
 """Run checkpoints with orbax: items `state` (train state), `data` (the input iterator's state)
-and `config` (the resolved run config), saved asynchronously every N steps, K kept.
+and `config` (the resolved run config), saved asynchronously every N steps, K kept. A LoRA run
+(`base` given) leaves the frozen base out of `state` and writes an item `base` naming it
+(train/base.py); its restores take the frozen part from the live state and return the saved
+`base` for the caller to check.
 
 Restore reads the newest step whose files are complete and readable; a corrupt or incomplete one
 is reported and the one before it used. The target shardings decide where arrays land, so a run
@@ -31,10 +34,12 @@ class RunCheckpoints:
   def due(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
 
-  def save(self, step: int, state, data_state: dict, config: Config) -> None:
+  def save(self, step: int, state, data_state: dict, config: Config,
+           base: dict | None = None) -> None:
+    extra = {} if base is None else {"base": ocp.args.JsonSave(base)}
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(to_dict(config))), force=True)
+        state=ocp.args.StandardSave(_stored(state, base)), data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(to_dict(config)), **extra), force=True)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -42,27 +47,45 @@ class RunCheckpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore(self, state_template) -> tuple[int, object, dict] | None:
+  def restore(self, state_template, *, lora: bool = False
+              ) -> tuple[int, object, dict] | tuple[int, object, dict, dict] | None:
     """(step, state, data state) of the newest readable checkpoint, or None for a fresh run.
-    `state_template` gives the tree, dtypes and target shardings."""
-    abstract = _abstract(state_template)
+    `state_template` gives the tree, dtypes and target shardings. lora: the checkpoint holds no
+    frozen part (it is the template's) and the result has a 4th item, the saved base (or None)."""
+    abstract = _abstract(_stored(state_template, lora or None))
+    extra = {"base": ocp.args.JsonRestore()} if lora else {}
     restored = self._newest(lambda step: self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())))
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+        **self._present(step, extra))))
     if restored is None:
       return None
     step, items = restored
-    return step, items.state, items.data
+    if not lora:
+      return step, items.state, items.data
+    state = {**items.state, "frozen": state_template["frozen"]}
+    return step, state, items.data, items.get("base")
 
-  def restore_model(self, template) -> tuple[int, dict] | None:
+  def restore_model(self, template, *, lora: bool = False) -> tuple[int, dict] | None:
     """(step, {"params", "frozen"}) of the newest readable checkpoint, reading only those parts
     of the train state (evaluation needs no optimizer state). `template`: {"params": ...,
-    "frozen": ...} giving the tree, dtypes and target shardings (abstract arrays will do)."""
-    abstract = _abstract(template)
+    "frozen": ...} giving the tree, dtypes and target shardings (abstract arrays will do).
+    lora: "frozen" is the template's own and the result has a 3rd item, the saved base."""
+    abstract = _abstract(_stored(template, lora or None))
+    extra = {"base": ocp.args.JsonRestore()} if lora else {}
     restored = self._newest(lambda step: self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True))))
-    return None if restored is None else (restored[0], restored[1].state)
+            partial_restore=True), **self._present(step, extra))))
+    if restored is None:
+      return None
+    step, items = restored
+    if not lora:
+      return step, items.state
+    return step, {**items.state, "frozen": template["frozen"]}, items.get("base")
+
+  def _present(self, step: int, items: dict) -> dict:
+    """The optional items that step `step` holds (a full fine-tune's checkpoint has no base)."""
+    return {k: v for k, v in items.items() if (self.manager.directory / str(step) / k).exists()}
 
   def _newest(self, read):
     """(step, read(step)) for the newest step that reads; an unreadable one is logged and the
@@ -78,6 +101,12 @@ class RunCheckpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _stored(state, base):
+  """What a checkpoint holds of `state`: all of it, or under LoRA (base given) all but the frozen
+  base, which model.init_from provides again."""
+  return state if base is None else {k: v for k, v in state.items() if k != "frozen"}
 
 
 def _abstract(tree):

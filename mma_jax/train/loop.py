@@ -27,11 +27,13 @@ import numpy as np
 from flax import nnx
 
 from mma_jax.config import Config, LLMConfig, to_yaml
-from mma_jax.convert.store import load_model
-from mma_jax.convert.transfer import build_with_params
+from mma_jax.convert.safetensors_io import CheckpointError
+from mma_jax.convert.transfer import build_with_params, param_shapes
 from mma_jax.models import build_model, model_mesh
 from mma_jax.models.connector import tokens_per_image
+from mma_jax.models.lora import fresh_adapters
 from mma_jax.sharding import create_sharded, global_batch, is_main_process, tree_shardings
+from mma_jax.train import base
 from mma_jax.train.checkpoint import RunCheckpoints
 from mma_jax.train.loss import token_loss_sums
 from mma_jax.train.metrics import RunMetrics, train_flops_per_token
@@ -69,19 +71,32 @@ def _architecture(part):
 
 
 def initial_model(config: Config, mesh):
-  """A fresh model (seeded), or model.init_from's converted checkpoint, born sharded."""
+  """A fresh model (seeded), or model.init_from's checkpoint (train/base.py), born sharded."""
+  return initial_model_and_base(config, mesh)[0]
+
+
+def initial_model_and_base(config: Config, mesh):
+  """(model, base reference): the reference is what a LoRA checkpoint records of its base
+  (train/base.py); a LoRA model's adapters are fresh (B = 0), the rest is model.init_from's."""
   build = lambda: build_model(config, nnx.Rngs(config.train.seed))
+  lora = config.model.lora.enabled
   if not config.model.init_from:
-    return create_sharded(build, mesh)
-  source_config, params = load_model(config.model.init_from)
+    return create_sharded(build, mesh), base.reference(config, None)
+  try:
+    source_config, params = base.read_base(config.model.init_from)
+  except CheckpointError as e:
+    raise (base.missing_base(config, e) if lora else e) from None
   for name in ("llm", "vision", "connector"):
     ours, theirs = (_architecture(getattr(m.model, name)) for m in (config, source_config))
     if ours != theirs:
       raise TrainingError(f"model.init_from={config.model.init_from}: its model.{name} differs "
                           f"from this config's ({theirs} vs {ours})")
+  reference = base.reference(config, params) if lora else None
+  if lora:
+    params = {**params, **fresh_adapters(param_shapes(nnx.eval_shape(build)), config.train.seed)}
   model = build_with_params(build, params)
   graphdef, state = nnx.split(model)
-  return nnx.merge(graphdef, jax.device_put(state, tree_shardings(state, mesh)))
+  return nnx.merge(graphdef, jax.device_put(state, tree_shardings(state, mesh))), reference
 
 
 def count_params(state) -> int:
@@ -157,15 +172,19 @@ class Run:
     if is_main_process():
       self.run_dir.mkdir(parents=True, exist_ok=True)
       (self.run_dir / "config.yaml").write_text(to_yaml(config))
-    model = initial_model(config, self.mesh)
+    model, base_ref = initial_model_and_base(config, self.mesh)
     graphdef, state, optimizer = init_train_state(config, self.mesh, model)
     del model
     self.graphdef = graphdef
+    lora = config.model.lora.enabled
+    self._base = base_ref if lora else None   # LoRA checkpoints name their base
     iterator = iter(self.pipeline)
     start = 0
-    restored = self.checkpoints.restore(state)
+    restored = self.checkpoints.restore(state, lora=lora)
     if restored is not None:
-      start, state, data_state = restored
+      start, state, data_state = restored[:3]
+      if lora:
+        base.check(restored[3], base_ref, f"step {start} in {self.checkpoints.directory}")
       iterator.set_state(data_state)
       log.info("resumed from step %d in %s", start, self.run_dir)
     llm = config.model.llm
@@ -199,7 +218,7 @@ class Run:
         if eval_now:
           metrics.log(step, {"eval_loss": self.eval_loss(state)})
         if save_now:
-          self.checkpoints.save(step, state, iterator.get_state(), config)
+          self.checkpoints.save(step, state, iterator.get_state(), config, base=self._base)
         if preempted:
           log.warning("preempted: saved step %d, exiting", step)
           break
@@ -243,11 +262,10 @@ class Run:
 
   @staticmethod
   def _data_counts(iterator) -> dict:
+    """The pipeline's counts as metrics: data/examples, truncated, rows, tokens, skipped, and
+    per component data/<name>/examples, truncated, tokens, skipped, skipped/<reason>."""
     counts = getattr(iterator, "counts", None)
-    if counts is None:
-      return {}
-    return {f"data/{k}": float(v) for k, v in counts.to_json().items()
-            if isinstance(v, (int, float))}
+    return {} if counts is None else counts.metrics("data/")
 
   def eval_loss(self, state) -> float:
     """Mean answer-token loss over config.train.eval_batches held-out batches."""

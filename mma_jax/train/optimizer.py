@@ -23,7 +23,9 @@ def _names(path) -> tuple[str, ...]:
 
 def _decays(path, decay_embeddings: bool) -> bool:
   names = _names(path)
-  return names[-1] == "kernel" or (decay_embeddings and names[-1] == "embedding")
+  # LoRA adapters decay like the kernels they adapt.
+  return (names[-1] in ("kernel", "lora_a", "lora_b")
+          or (decay_embeddings and names[-1] == "embedding"))
 
 
 def _scales(t: TrainConfig) -> dict[str, float]:

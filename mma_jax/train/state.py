@@ -3,8 +3,10 @@
     state = {"step": int32 [], "params": trainable nnx.State, "frozen": nnx.State,
              "opt_state": optax state over params}
 
-The frozen vision tower lives in `frozen`: outside the gradient and the optimizer. Parameters
-and Adam moments carry the same logical axes, so one rules table shards both.
+The frozen vision tower lives in `frozen`: outside the gradient and the optimizer. Under LoRA
+(model.lora.rank > 0) so does the whole base model: `params` holds the adapters and the modules
+model.lora.trainable names, `frozen` the rest, stored in model.lora.base_dtype. Parameters and
+Adam moments carry the same logical axes, so one rules table shards both.
 """
 from __future__ import annotations
 
@@ -16,22 +18,58 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mma_jax.config import Config
 from mma_jax.models import build_model
+from mma_jax.models.lora import ADAPTER_NAMES
 from mma_jax.sharding import create_sharded, tree_shardings
 from mma_jax.train.optimizer import make_optimizer
 
 
+# model.lora.trainable names -> the parameter paths they cover
+_LORA_TRAINABLE = {"connector": ("connector",), "embed": ("llm", "embed"),
+                   "lm_head": ("llm", "lm_head"), "head_bias": ("llm", "head_bias")}
+
+
+def _under(prefix: tuple[str, ...]):
+  return lambda path, _: tuple(str(k) for k in path[:len(prefix)]) == prefix
+
+
+def _llm_prefix(config: Config) -> tuple[str, ...]:
+  return ("llm",) if config.model.kind == "mllm" else ()
+
+
 def trainable_filter(config: Config):
-  """Parameters the optimizer sees: all but the vision tower when it is frozen."""
+  """Parameters the optimizer sees: all but the vision tower when it is frozen; under LoRA the
+  adapters and the modules model.lora.trainable names."""
   m = config.model
+  if m.lora.enabled:
+    parts = [nnx.PathContains(name) for name in ADAPTER_NAMES]
+    for name in m.lora.trainable:
+      path = _LORA_TRAINABLE[name]
+      parts.append(_under(path if name == "connector" else _llm_prefix(config) + path[1:]))
+    return nnx.All(nnx.Param, nnx.Any(*parts))
   if m.kind == "mllm" and m.freeze_vision:
     return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision")))
   return nnx.Param
 
 
 def split_model(model: nnx.Module, config: Config):
-  """(graphdef, trainable State, frozen State)."""
+  """(graphdef, trainable State, frozen State); under LoRA the frozen base in its base_dtype
+  (arrays, or ShapeDtypeStructs of an abstract model)."""
   graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
+  lora = config.model.lora
+  if lora.enabled and lora.base_dtype != config.model.param_dtype:
+    frozen = cast_state(frozen, jnp.dtype(lora.base_dtype))
   return graphdef, params, frozen
+
+
+def cast_state(state, dtype):
+  """Every floating leaf of `state` in `dtype` (abstract leaves keep their sharding)."""
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+  return jax.tree.map(cast, state)
 
 
 def init_train_state(config: Config, mesh: Mesh | None = None, model: nnx.Module | None = None):

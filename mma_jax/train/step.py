@@ -2,6 +2,8 @@
 (loss = sum of answer-token losses / number of answer tokens, over the whole batch)."""
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -9,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mma_jax.config import ConfigError, TrainConfig
+from mma_jax.models import lora
 from mma_jax.sharding import batch_sharding, batch_shards, tree_shardings
 from mma_jax.train.loss import token_loss_sums
 from mma_jax.train.optimizer import learning_rate
@@ -26,9 +29,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, t: TrainC
   """step(state, batch) -> (state, metrics); batch fields are [B, ...] with B = t.batch_size."""
   schedule = learning_rate(t)
 
-  def sums(params, frozen, micro):
+  def sums(params, frozen, micro, key):
     model = nnx.merge(graphdef, params, frozen)
-    total, count, overflow = token_loss_sums(model, micro, loss_positions=t.loss_positions)
+    # LoRA dropout draws from (train.seed, step, micro-batch); a model without it ignores the key.
+    scope = lora.dropout_scope(key) if lora.has_dropout(model) else contextlib.nullcontext()
+    with scope:
+      total, count, overflow = token_loss_sums(model, micro, loss_positions=t.loss_positions)
     return total, (count, overflow)
 
   grad_fn = jax.value_and_grad(sums, has_aux=True)
@@ -38,14 +44,18 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, t: TrainC
     micro = jax.tree.map(
         lambda x: x.reshape(t.grad_accum, x.shape[0] // t.grad_accum, *x.shape[1:]), batch)
 
-    def accumulate(carry, mb):
+    step_key = jax.random.fold_in(jax.random.PRNGKey(t.seed), state["step"])
+
+    def accumulate(carry, inputs):
       grads, total, count, overflow = carry
-      (s, (n, o)), g = grad_fn(params, frozen, mb)
+      mb, index = inputs
+      (s, (n, o)), g = grad_fn(params, frozen, mb, jax.random.fold_in(step_key, index))
       return (jax.tree.map(jnp.add, grads, g), total + s, count + n, overflow + o), None
 
     zero = jnp.zeros((), jnp.float32)
     init = (jax.tree.map(jnp.zeros_like, params), zero, zero, jnp.zeros((), jnp.int32))
-    (grads, total, count, overflow), _ = jax.lax.scan(accumulate, init, micro)
+    (grads, total, count, overflow), _ = jax.lax.scan(accumulate, init,
+                                                      (micro, jnp.arange(t.grad_accum)))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
