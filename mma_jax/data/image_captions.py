@@ -7,20 +7,23 @@ builder_utils): malformed_row (bad JSON, missing or non-string fields), empty_ca
 image_outside_user_turn (an `<image>` placeholder in the caption), missing_image_file,
 undecodable_image.
 
-Features: image (the encoded image file), image_file, caption.
+Features: image (the encoded image file), image_file, caption. Builds plain or with Apache Beam
+(builder_utils.RowsBuilder; under Beam each worker reads blocks of LINES_PER_PART lines).
 """
 from __future__ import annotations
 
+import functools
 import json
-import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mma_jax.data.builder_utils import RowError, SplitTally, checked_image_bytes, manual_splits
-from mma_jax.data.images import ImageError
+from mma_jax.data.builder_utils import (RowError, RowsBuilder, SplitRows, checked_image_bytes,
+                                        line_parts, manual_splits, read_lines)
 from mma_jax.templates import IMAGE_TOKEN
+
+LINES_PER_PART = 10_000   # lines one Beam worker reads before they are spread out
 
 
 def parse_line(line: str) -> tuple[str, str]:
@@ -40,7 +43,19 @@ def parse_line(line: str) -> tuple[str, str]:
   return row["image"], row["caption"]
 
 
-class ImageCaptions(tfds.core.GeneratorBasedBuilder):
+def caption_example(numbered_line: tuple[int, bytes], images_dir: epath.Path):
+  """(line number, raw line) -> [(line number, example)]; raises RowError or ImageError."""
+  number, raw = numbered_line
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise RowError("malformed_row", f"not UTF-8: {e}") from None
+  image_file, caption = parse_line(line)
+  image = checked_image_bytes(images_dir / image_file)
+  return [(number, {"image": image, "image_file": image_file, "caption": caption})]
+
+
+class ImageCaptions(RowsBuilder):
   """Image-caption pairs (e.g. BLIP3-Kale exported to JSONL) from manual_dir."""
 
   code_path = epath.Path(__file__)   # see easy_vqa.py: avoids the missing importlib_resources
@@ -65,22 +80,12 @@ class ImageCaptions(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    manual_dir = pathlib.Path(dl_manager.manual_dir)
+    manual_dir = epath.Path(dl_manager.manual_dir)
     return {split: self._generate_examples(split, path, manual_dir / "images")
             for split, path in manual_splits("image_captions", manual_dir, ".jsonl").items()}
 
-  def _generate_examples(self, split: str, path: pathlib.Path, images_dir: pathlib.Path):
-    tally = SplitTally(self, split, path)
-    with path.open(encoding="utf-8") as lines:
-      for number, line in enumerate(lines, start=1):
-        if not line.strip():
-          continue    # blank lines are not rows
-        try:
-          image_file, caption = parse_line(line)
-          image = checked_image_bytes(images_dir / image_file)
-        except (RowError, ImageError) as e:
-          tally.skip(f"line {number}", e.reason, str(e))
-          continue
-        tally.kept += 1
-        yield number, {"image": image, "image_file": image_file, "caption": caption}
-    tally.finish()
+  def _generate_examples(self, split: str, path: epath.Path, images_dir: epath.Path):
+    parts = line_parts(path, LINES_PER_PART if self.builds_with_beam else None)
+    return self.split_examples(split, SplitRows(
+        source=path, parts=parts, read=functools.partial(read_lines, path),
+        examples=functools.partial(caption_example, images_dir=images_dir)))

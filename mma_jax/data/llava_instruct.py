@@ -13,22 +13,23 @@ conversation checks (bad_turn_order, missing_answer, empty_answer, image_count_m
 missing_image_file, undecodable_image.
 
 Features: id, images (the encoded image files, in placeholder order), image_files, conversations
-{role: "user" | "assistant", content}.
+{role: "user" | "assistant", content}. Builds plain or with Apache Beam (builder_utils.RowsBuilder;
+under Beam each worker loads the JSON file once and reads blocks of ROWS_PER_PART rows).
 """
 from __future__ import annotations
 
-import json
-import pathlib
+import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mma_jax.data.builder_utils import RowError, SplitTally, checked_image_bytes, manual_splits
-from mma_jax.data.images import ImageError
-from mma_jax.layout import Conversation, ConversationError
+from mma_jax.data.builder_utils import (RowError, RowsBuilder, SplitRows, checked_image_bytes,
+                                        index_parts, load_json, manual_splits)
+from mma_jax.layout import Conversation
 from mma_jax.layout import _check_conversation as check_conversation   # the layout's own rules
 
+ROWS_PER_PART = 1_000   # rows one Beam worker reads before they are spread out
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -54,7 +55,36 @@ def parse_row(row) -> tuple[str | None, list[str], list[tuple[str, str]]]:
   return (None if row_id is None else str(row_id)), images, turns
 
 
-class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
+def load_rows(path: epath.Path) -> list:
+  rows = load_json(path, "llava_instruct")
+  if not isinstance(rows, list):
+    raise ValueError(f"llava_instruct: '{path}' must hold a JSON list of rows")
+  return rows
+
+
+def read_rows(path: epath.Path, part: tuple[int, int]):
+  """Rows [start, stop) of the file: (label, (index, row))."""
+  rows = load_rows(path)
+  for index in range(*part):
+    row = rows[index]
+    label = f"{index}" + (f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else "")
+    yield label, (index, row)
+
+
+def llava_example(indexed_row: tuple[int, object], images_dir: epath.Path):
+  """(index, row) -> [(index, example)]; raises RowError, ConversationError or ImageError."""
+  index, row = indexed_row
+  row_id, image_files, turns = parse_row(row)
+  images = [checked_image_bytes(images_dir / f) for f in image_files]
+  return [(index, {
+      "id": row_id if row_id is not None else str(index),
+      "images": images,
+      "image_files": image_files,
+      "conversations": [{"role": role, "content": content} for role, content in turns],
+  })]
+
+
+class LlavaInstruct(RowsBuilder):
   """LLaVA-format conversations with their images, from manual_dir."""
 
   code_path = epath.Path(__file__)   # see easy_vqa.py: avoids the missing importlib_resources
@@ -84,31 +114,13 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    manual_dir = pathlib.Path(dl_manager.manual_dir)
+    manual_dir = epath.Path(dl_manager.manual_dir)
     return {split: self._generate_examples(split, path, manual_dir / "images")
             for split, path in manual_splits("llava_instruct", manual_dir, ".json").items()}
 
-  def _generate_examples(self, split: str, path: pathlib.Path, images_dir: pathlib.Path):
-    try:
-      rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"llava_instruct: '{path}' is not valid JSON: {e}") from None
-    if not isinstance(rows, list):
-      raise ValueError(f"llava_instruct: '{path}' must hold a JSON list of rows")
-    tally = SplitTally(self, split, path)
-    for index, row in enumerate(rows):
-      label = f"{index}" + (f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else "")
-      try:
-        row_id, image_files, turns = parse_row(row)
-        images = [checked_image_bytes(images_dir / f) for f in image_files]
-      except (RowError, ConversationError, ImageError) as e:
-        tally.skip(label, e.reason, str(e))
-        continue
-      tally.kept += 1
-      yield index, {
-          "id": row_id if row_id is not None else str(index),
-          "images": images,
-          "image_files": image_files,
-          "conversations": [{"role": role, "content": content} for role, content in turns],
-      }
-    tally.finish()
+  def _generate_examples(self, split: str, path: epath.Path, images_dir: epath.Path):
+    count = len(load_rows(path))
+    parts = index_parts(count, ROWS_PER_PART if self.builds_with_beam else max(count, 1))
+    return self.split_examples(split, SplitRows(
+        source=path, parts=parts, read=functools.partial(read_rows, path),
+        examples=functools.partial(llava_example, images_dir=images_dir)))
