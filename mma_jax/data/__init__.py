@@ -12,3 +12,4 @@ Modules: tokenizer.py (tokenizers), images.py (decode, resize, normalise), packi
 rows), pipeline.py (grain: source -> examples -> rows -> batches of the batch contract).
 """
 from mma_jax.data import easy_vqa, image_captions, llava_instruct  # noqa: F401  (registration)
+from mma_jax.data import sft  # noqa: F401  (registration: the official SFT sources, sft/)

@@ -111,6 +111,8 @@ READERS: dict[str, Callable[[Any], LayoutInput]] = {
     "easy_vqa": easy_vqa_input,
     "llava_instruct": llava_instruct_input,
     "image_captions": image_captions_input,
+    **dict.fromkeys(("vqav2", "gqa", "vsr", "vsr/official_split", "ocr_vqa", "aokvqa", "scienceqa",
+                     "refcoco", "refcoco_plus", "refcocog", "visual_genome"), llava_instruct_input),
 }
 
 

@@ -1,0 +1,116 @@
+"""Short-answer VQA sources of the official AKI SFT mixture: `vqav2`, `gqa`, `ocr_vqa`.
+
+INPUT `Answer the question using a single word or phrase. {question}`, TARGET the answer, as the
+official VQADataset, GQADataset and OCRVQADataset (sft_data_utils/) with the "default" template.
+Files, under the SFT data root (manual_dir):
+
+  vqav2    VQA/v2_OpenEnded_mscoco_train2014_questions.json + VQA/v2_mscoco_train2014_annotations.json
+           (joined on question_id), images VQA/train2014/COCO_{data_subtype}_{image_id:012}.jpg;
+           TARGET multiple_choice_answer; id: the question_id.
+           Own skip reasons: missing_annotation, annotation_mismatch (another image_id).
+  gqa      GQA/train_balanced_questions.json ({question id: question}), images
+           GQA/images/{imageId}.jpg; TARGET `answer` (not fullAnswer); id: the question id.
+  ocr_vqa  OCRVQA/dataset.json ({book id: {imageURL, questions, answers, split}}), rows of
+           split 1 (train; the others are not train rows, not skips), images
+           OCRVQA/images/{book id}{extension of imageURL}; one sample per question/answer pair
+           (zipped, as the official code); id: `{book id}:{pair index}`.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+from mma_jax.data.builder_utils import RowError
+from mma_jax.data.pipeline import VQA_PROMPT
+from mma_jax.data.sft.common import Rows, Sample, SftBuilder, field, load_json, manual_instructions
+
+
+class Vqav2(SftBuilder):
+  """VQAv2 train questions with their most common answer (the official VQADataset)."""
+
+  name = "vqav2"
+  FILES = ("VQA/v2_OpenEnded_mscoco_train2014_questions.json",
+           "VQA/v2_mscoco_train2014_annotations.json", "VQA/train2014/")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = manual_instructions(FILES)
+  HOMEPAGE = "https://visualqa.org/"
+
+  def rows(self, root: pathlib.Path) -> Rows:
+    questions_path, annotations_path = root / self.FILES[0], root / self.FILES[1]
+    questions = load_json(questions_path, self.name)
+    annotations = load_json(annotations_path, self.name)
+    try:
+      subtype, question_rows = questions["data_subtype"], questions["questions"]
+      answers = {a["question_id"]: a for a in annotations["annotations"]}
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"{self.name}: '{questions_path}' or '{annotations_path}' is not a VQAv2 "
+                       f"questions/annotations file (missing {e})") from None
+
+    def parse(q) -> list[Sample]:
+      question_id, image_id = field(q, "question_id", int), field(q, "image_id", int)
+      question = field(q, "question", str)
+      if question_id not in answers:
+        raise RowError("missing_annotation", f"no annotation has question_id {question_id}")
+      answer = answers[question_id]
+      if answer.get("image_id") != image_id:
+        raise RowError("annotation_mismatch", f"the annotation of question {question_id} is of "
+                       f"image {answer.get('image_id')!r}, the question of image {image_id}")
+      image = f"VQA/train2014/COCO_{subtype}_{image_id:012}.jpg"
+      return [Sample(str(question_id), image, VQA_PROMPT.format(question=question),
+                     field(answer, "multiple_choice_answer", str))]
+
+    for index, q in enumerate(question_rows):
+      qid = q.get("question_id") if isinstance(q, dict) else None
+      yield f"{index} (question_id {qid!r})", lambda q=q: parse(q)
+
+
+class Gqa(SftBuilder):
+  """GQA balanced train questions with their short answer (the official GQADataset)."""
+
+  name = "gqa"
+  FILES = ("GQA/train_balanced_questions.json", "GQA/images/")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = manual_instructions(FILES)
+  HOMEPAGE = "https://cs.stanford.edu/people/dorarad/gqa/"
+
+  def rows(self, root: pathlib.Path) -> Rows:
+    path = root / self.FILES[0]
+    questions = load_json(path, self.name)
+    if not isinstance(questions, dict):
+      raise ValueError(f"{self.name}: '{path}' must hold an object {{question id: question}}")
+
+    def parse(key, q) -> list[Sample]:
+      image = f"GQA/images/{field(q, 'imageId', str)}.jpg"
+      return [Sample(key, image, VQA_PROMPT.format(question=field(q, "question", str)),
+                     field(q, "answer", str))]
+
+    for key, q in questions.items():
+      yield f"{key!r}", lambda key=key, q=q: parse(key, q)
+
+
+class OcrVqa(SftBuilder):
+  """OCR-VQA train books, one sample per question/answer pair (the official OCRVQADataset)."""
+
+  name = "ocr_vqa"
+  FILES = ("OCRVQA/dataset.json", "OCRVQA/images/")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = manual_instructions(FILES)
+  HOMEPAGE = "https://ocr-vqa.github.io/"
+  TRAIN_SPLIT = 1   # dataset.json's split codes: 1 train, 2 validation, 3 test
+
+  def rows(self, root: pathlib.Path) -> Rows:
+    path = root / self.FILES[0]
+    books = load_json(path, self.name)
+    if not isinstance(books, dict):
+      raise ValueError(f"{self.name}: '{path}' must hold an object {{book id: book}}")
+
+    def parse(key, book) -> list[Sample]:
+      if field(book, "split", int) != self.TRAIN_SPLIT:
+        return []
+      extension = os.path.splitext(field(book, "imageURL", str))[1]
+      questions, answers = field(book, "questions", list), field(book, "answers", list)
+      if not all(isinstance(s, str) for s in questions + answers):
+        raise RowError("malformed_row", "'questions' and 'answers' must hold strings")
+      image = f"OCRVQA/images/{key}{extension}"
+      return [Sample(f"{key}:{k}", image, VQA_PROMPT.format(question=q), a)
+              for k, (q, a) in enumerate(zip(questions, answers))]
+
+    for key, book in books.items():
+      yield f"{key!r}", lambda key=key, book=book: parse(key, book)
