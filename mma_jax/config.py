@@ -214,8 +214,8 @@ class MixtureEntry:
   the counts and metrics (default: the dataset, `/` and `:` as `_`); `split` / `eval_split`:
   default data.train_split / data.eval_split; `data_dir`: where the built tfds dataset lives
   (default data.data_dir, else the tfds default); `manual_dir`: the original files it is built
-  from when not built yet; `shards`: webdataset tar files or glob patterns. Relative paths
-  resolve under data.root."""
+  from when not built yet; `shards`: webdataset tar files, directories, glob patterns or
+  brace ranges (`shard-{000..099}.tar`). Relative paths resolve under data.root."""
   dataset: str = ""
   weight: float = 0.0
   name: str = ""
@@ -224,6 +224,7 @@ class MixtureEntry:
   data_dir: str = ""
   manual_dir: str = ""
   shards: list[str] = field(default_factory=list)
+  caption_key: str = ""                  # webdataset: the .json field of the caption ("caption")
 
 
 @dataclass
@@ -534,7 +535,8 @@ def validate_mixture(data: DataConfig) -> None:
       _check(not (entry.data_dir or entry.manual_dir), key, "a webdataset entry reads its "
              "shards only: no data_dir or manual_dir")
     else:
-      _check(not entry.shards, f"{key}.shards", "only webdataset entries read shards")
+      _check(not (entry.shards or entry.caption_key), f"{key}.shards",
+             "only webdataset entries read shards (and their caption_key)")
 
 
 def validate(config: Config) -> None:

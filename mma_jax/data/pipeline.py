@@ -1,10 +1,14 @@
-"""The grain input pipeline: data source -> examples -> packed or padded rows -> batches.
+"""The grain input pipeline: data source(s) -> examples -> packed or padded rows -> batches.
 
-    source (tfds.data_source or any len/getitem source)
-      [this process's shard] -> shuffle (a new order every epoch) -> repeat
-      -> MakeExample: read the record, lay out the conversation or caption, truncate or drop
-         what is too long, decode + resize its images (uint8; with augment, the SFT crop +
-         flip drawn from (seed, record index, epoch))                  (reader threads, or
+    per component (one dataset, or each entry of a mixture):
+      source (tfds.data_source or any len/getitem source)
+        [this process's shard] -> shuffle (a new order every epoch) -> repeat
+        -> MakeExample: read the record, lay out the conversation or caption, truncate or drop
+           what is too long, decode + resize its images (uint8; with augment, the SFT crop +
+           flip drawn from (seed, record index, epoch))
+      or a streamed grain IterDataset of records (webdataset shards) -> MakeExample
+      -> mixed with the components' weights by grain's own mixing (below)
+                                                                       (reader threads, or
          worker processes with num_workers > 0: they see the same elements in the same order)
       -> RowIterator: windows of `pack_window` examples, first-fit packed into rows (or one per
          padded row); counts kept, truncated and skipped examples        (main process)
@@ -24,6 +28,19 @@ or no answer token fits), too_many_images (more than images_per_row), unexpected
 counted rather than fatal). The counts are `iterator.counts` (DataCounts), logged when the data
 ends, and part of the iterator state.
 
+Mixtures: every component's records are read by its own dataset's reader and labelled with
+the component's name; grain's weighted mixing interleaves them (`MapDataset.mix` when every
+component is a random-access source: one reader pool, and the iterator state is one position that
+fixes every component's; `IterDataset.mix` once a streamed component joins: the state holds each
+component's). Grain's mixing is a deterministic weighted interleave, not a random draw: the
+weights are scaled to integers (the smallest to 100) and over any stretch of draws each component
+appears in proportion to its weight; what varies with data.seed is each component's own shuffle
+(component k shuffles with seed + k). The official MultiDataset draws a dataset at random per
+sample and a record with replacement; the frequencies are the same. A finite (eval) mixture ends
+when its first component runs out. Components are packed together (the mixed stream feeds the one
+RowIterator) and counted apart: `counts.components[name]` (examples, truncated, tokens, skips by
+reason) beside the totals.
+
 The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (JSON-able dicts), or
 orbax with `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`. A restored
 iterator continues with exactly the batches the original would have produced. The state holds the
@@ -35,6 +52,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import threading
 from typing import Any, Callable
 
@@ -165,6 +183,8 @@ class MakeExample(grain.transforms.Map):
       return self._layout
 
   def map(self, record):
+    if isinstance(record, dict) and "skip" in record:   # a streamed source's own skip record
+      return record
     label = _record_label(record)
     try:
       try:
@@ -219,23 +239,27 @@ def _with_index(index: int, record) -> tuple[int, Any]:
 
 class ReadRecord(grain.transforms.MapWithIndex):
   """(the source index grain read the record at, record) at `index` of the repeated stream ->
-  MakeExample's output, with the official SFT augmentation (data.augment) applied to its
-  examples' images: one draw (crop + flip) per example, shared by that example's images as
-  torchvision applies one draw to a sample's stacked images, from the generator of (seed,
-  record index, epoch); the epoch is index // epoch_length. So every epoch crops a record anew,
-  and a resumed run, any read_threads, num_workers or process count draw the same pixels for a
-  record."""
+  MakeExample's output labelled with its component (`dataset`: the component's name), with the
+  official SFT augmentation (data.augment) applied to its examples' images: one draw (crop +
+  flip) per example, shared by that example's images as torchvision applies one draw to a
+  sample's stacked images, from the generator of (seed, record index, epoch); the epoch is
+  index // epoch_length. So every epoch crops a record anew, and a resumed run, any read_threads,
+  num_workers or process count draw the same pixels for a record. A streamed component
+  (num_records None) draws from (seed, its stream position, 0)."""
 
-  def __init__(self, make_example: MakeExample, *, augment: bool, seed: int, num_records: int,
-               epoch_length: int):
-    self.make_example, self.augment = make_example, augment
+  def __init__(self, make_example: MakeExample, *, augment: bool, seed: int,
+               num_records: int | None, epoch_length: int | None, component: str):
+    self.make_example, self.augment, self.component = make_example, augment, component
     self.seed, self.num_records, self.epoch_length = seed, num_records, epoch_length
 
   def map_with_index(self, index: int, element):
     read_at, record = element
-    out = self.make_example.map(record)
+    out = dict(self.make_example.map(record), dataset=self.component)
     if self.augment and "examples" in out:
-      rng = augment_rng(self.seed, read_at % self.num_records, index // self.epoch_length)
+      if self.num_records is None:
+        rng = augment_rng(self.seed, read_at, 0)
+      else:
+        rng = augment_rng(self.seed, read_at % self.num_records, index // self.epoch_length)
       for example in out["examples"]:
         if len(example["images"]):
           aug = draw_augmentation(example["images"].shape[1], rng)
@@ -246,28 +270,69 @@ class ReadRecord(grain.transforms.MapWithIndex):
 # -------------------------------------------------------------------------------------- counts
 @dataclasses.dataclass
 class DataCounts:
-  """Examples that reached a row (of which truncated), skipped ones by reason, rows made."""
+  """Examples that reached a row (of which truncated) and their tokens (text + image), skipped
+  ones by reason, rows made; the same per component (`components[name]`, rows 0 there)."""
   examples: int = 0
   truncated: int = 0
   rows: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  tokens: int = 0
+  components: dict = dataclasses.field(default_factory=dict)   # name -> DataCounts
+
+  def component(self, name: str) -> DataCounts:
+    if name not in self.components:
+      self.components[name] = DataCounts()
+    return self.components[name]
+
+  def count_example(self, component: str, example: dict) -> None:
+    for counts in (self, self.component(component)):
+      counts.examples += 1
+      counts.truncated += bool(example["truncated"])
+      counts.tokens += len(example["tokens"])
+
+  def count_skip(self, component: str, reason: str) -> None:
+    self.skipped[reason] += 1
+    self.component(component).skipped[reason] += 1
 
   def to_json(self) -> dict:
     return {"examples": self.examples, "truncated": self.truncated, "rows": self.rows,
-            "skipped": dict(sorted(self.skipped.items()))}
+            "skipped": dict(sorted(self.skipped.items())), "tokens": self.tokens,
+            "components": {name: c.to_json() for name, c in sorted(self.components.items())}}
 
   @classmethod
   def from_json(cls, state: dict) -> DataCounts:
+    # tokens and components are absent from states saved before mixtures existed
     return cls(state["examples"], state["truncated"], state["rows"],
-               collections.Counter(state["skipped"]))
+               collections.Counter(state["skipped"]), state.get("tokens", 0),
+               {name: cls.from_json(c) for name, c in state.get("components", {}).items()})
 
   def copy(self) -> DataCounts:
     return DataCounts.from_json(self.to_json())
 
+  def metrics(self, prefix: str = "data/") -> dict[str, float]:
+    """Flat metric values: the totals (examples, truncated, rows, tokens, skipped) and per
+    component `<name>/examples`, `/truncated`, `/tokens`, `/skipped`, `/skipped/<reason>`."""
+    out = {f"{prefix}{k}": float(getattr(self, k))
+           for k in ("examples", "truncated", "rows", "tokens")}
+    out[f"{prefix}skipped"] = float(sum(self.skipped.values()))
+    for name, c in sorted(self.components.items()):
+      at = f"{prefix}{name}/"
+      out.update({f"{at}{k}": float(getattr(c, k)) for k in ("examples", "truncated", "tokens")})
+      out[f"{at}skipped"] = float(sum(c.skipped.values()))
+      out.update({f"{at}skipped/{r}": float(n) for r, n in sorted(c.skipped.items())})
+    return out
+
   def summary(self) -> str:
+    line = self._line() + f" in {self.rows} rows"
+    if len(self.components) > 1:
+      line += "; " + "; ".join(f"{name}: {c._line()}" for name, c in sorted(
+          self.components.items()))
+    return line
+
+  def _line(self) -> str:
     skipped = sum(self.skipped.values())
     reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items())) or "none"
-    return (f"{self.examples} examples in {self.rows} rows ({self.truncated} truncated); "
+    return (f"{self.examples} examples ({self.truncated} truncated, {self.tokens} tokens); "
             f"{skipped} skipped ({reasons})")
 
 
@@ -314,15 +379,15 @@ class RowIterator(grain.DatasetIterator):
       except StopIteration:
         self._ended = True
         break
+      component = record.get("dataset", "")
       if "skip" in record:
-        self.counts.skipped[record["skip"]] += 1
+        self.counts.count_skip(component, record["skip"])
         if not quiet:
           logger.warning("skipped example %s (%s): %s", record["id"], record["skip"],
                          record["message"])
         continue
       for example in record["examples"]:
-        self.counts.examples += 1
-        self.counts.truncated += bool(example["truncated"])
+        self.counts.count_example(component, example)
         if example["truncated"] and not quiet:
           logger.info("truncated example %s to max_length %d", example["id"], self.max_length)
         records.append(example)
@@ -429,11 +494,29 @@ class BatchIterator(grain.DatasetIterator):
 
 
 # ----------------------------------------------------------------------------------- pipeline
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """One dataset of a pipeline: `name` labels its counts; `dataset` chooses the reader of its
+  records (a READERS key); `source` is a len/getitem source of records (read through grain's
+  random access: sharded, shuffled, repeated here) or a grain IterDataset of records that
+  shards, shuffles and repeats itself (a stream); `weight` its share of a mixture."""
+  name: str
+  dataset: str
+  source: Any
+  weight: float = 1.0
+
+  @property
+  def streamed(self) -> bool:
+    return isinstance(self.source, grain.IterDataset)
+
+
 class DataPipeline:
-  """A grain pipeline over `source` for one dataset kind (see module docstring).
+  """A grain pipeline over `source` for one dataset kind, or over a mixture of `components`
+  (see module docstring).
 
   source: tfds.data_source(...) of `dataset`, or any len/getitem source of such records.
-  dataset: easy_vqa | llava_instruct | image_captions (how a record is read).
+  dataset: easy_vqa | llava_instruct | image_captions | ... (READERS: how a record is read).
+  components: instead of source and dataset, several Components mixed by their weights.
   tokenizer: a tokenizer, or its source ("gpt2" or a local directory; loaded in each process).
   num_image_tokens: rows each image becomes in the LLM (the connector's output length).
   batch_size: rows per batch on this process.
@@ -452,16 +535,22 @@ class DataPipeline:
     flip; images.py), drawn from (seed, record index, epoch): training data only.
   """
 
-  def __init__(self, source, *, dataset: str, tokenizer, num_image_tokens: int, batch_size: int,
-               max_length: int = 256, template: str = "phi3", mask_mode: str = "mma",
-               packing: bool = True, too_long: str = "truncate", images_per_row: int = 4,
-               image_size: int = 384, image_norm: str = "siglip", seed: int = 0,
-               shuffle: bool = True, num_epochs: int | None = None, pack_window: int = 128,
-               num_workers: int = 0, read_threads: int = 8, process_index: int | None = None,
-               process_count: int | None = None, system_prompt: str | None = None,
-               flavour: str = "default", augment: bool = False):
+  def __init__(self, source=None, *, dataset: str | None = None,
+               components: list[Component] | None = None, tokenizer, num_image_tokens: int,
+               batch_size: int, max_length: int = 256, template: str = "phi3",
+               mask_mode: str = "mma", packing: bool = True, too_long: str = "truncate",
+               images_per_row: int = 4, image_size: int = 384, image_norm: str = "siglip",
+               seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+               pack_window: int = 128, num_workers: int = 0, read_threads: int = 8,
+               process_index: int | None = None, process_count: int | None = None,
+               system_prompt: str | None = None, flavour: str = "default",
+               augment: bool = False):
+    if components is None:
+      components = [Component(dataset, dataset, source)]
+    elif source is not None or dataset is not None:
+      raise ValueError("data pipeline: give source and dataset, or components, not both")
     checks = {
-        "dataset": (dataset in READERS, f"one of {', '.join(READERS)}"),
+        "components": (len(components) > 0, "at least one"),
         "too_long": (too_long in ("truncate", "drop"), "truncate or drop"),
         "image_norm": (image_norm in NORMALIZATION, f"one of {', '.join(NORMALIZATION)}"),
         "batch_size": (batch_size > 0, "positive"),
@@ -476,29 +565,51 @@ class DataPipeline:
     for name, (ok, allowed) in checks.items():
       if not ok:
         raise ValueError(f"data pipeline: {name}={locals()[name]!r} must be {allowed}")
+    for c in components:
+      where = "" if len(components) == 1 else f"component {c.name}: "
+      if c.dataset not in READERS:
+        raise ValueError(f"data pipeline: {where}dataset={c.dataset!r} must be one of "
+                         f"{', '.join(READERS)}")
+      if not c.weight > 0:
+        raise ValueError(f"data pipeline: {where}weight={c.weight!r} must be positive")
+    if len({c.name for c in components}) < len(components):
+      raise ValueError(f"data pipeline: component names {[c.name for c in components]} "
+                       "must be unique")
     if process_index is None or process_count is None:
       import jax
       process_index, process_count = jax.process_index(), jax.process_count()
-    self.source, self.batch_size, self.packing = source, batch_size, packing
+    self.components, self.batch_size, self.packing = list(components), batch_size, packing
     self.max_length, self.num_image_tokens = max_length, num_image_tokens
     self.images_per_row, self.image_size, self.image_norm = images_per_row, image_size, image_norm
     self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
     self.pack_window, self.num_workers, self.read_threads = pack_window, num_workers, read_threads
     self.process_index, self.process_count = process_index, process_count
     self.augment = augment
-    self.make_example = MakeExample(
-        dataset=dataset, tokenizer=tokenizer, template=template, mask_mode=mask_mode,
+    self.make_examples = [MakeExample(
+        dataset=c.dataset, tokenizer=tokenizer, template=template, mask_mode=mask_mode,
         num_image_tokens=num_image_tokens, max_length=max_length, too_long=too_long,
         images_per_row=images_per_row, image_size=image_size, system_prompt=system_prompt,
-        flavour=flavour)
+        flavour=flavour) for c in self.components]
+
+  @property
+  def make_example(self) -> MakeExample:
+    """The first component's MakeExample (the only one of a single-dataset pipeline)."""
+    return self.make_examples[0]
+
+  @property
+  def source(self):
+    return self.components[0].source
 
   @classmethod
   def from_config(cls, config, *, split: str, num_image_tokens: int, training: bool = True,
                   **overrides) -> DataPipeline:
-    """The pipeline a run config asks for: `config.data` (dataset, data_dir, template, ...),
-    the tower's image size and normalisation (unless data.image_size / data.image_norm say
-    otherwise), the mask mode of `config.attention.mask`, and per-process batch rows from
-    train.batch_size (training: shuffled, forever) or eval.batch_size (one ordered pass)."""
+    """The pipeline a run config asks for: `config.data` (dataset or mixture, data_dir,
+    template, ...), the tower's image size and normalisation (unless data.image_size /
+    data.image_norm say otherwise), the mask mode of `config.attention.mask`, and per-process
+    batch rows from train.batch_size (training: shuffled, forever) or eval.batch_size (one
+    ordered pass). With data.mixture, `split` is each entry's split (training) or eval split
+    (data/mixture.py; a `split` other than data.train_split / data.eval_split overrides them
+    all)."""
     import jax
     import tensorflow_datasets as tfds   # (the builders are registered: this is mma_jax.data)
     data, vision = config.data, config.model.vision
@@ -509,7 +620,7 @@ class DataPipeline:
       raise ValueError(f"batch size {global_batch} does not divide over "
                        f"{jax.process_count()} processes")
     kwargs = dict(
-        dataset=data.dataset, tokenizer=data.tokenizer, num_image_tokens=num_image_tokens,
+        tokenizer=data.tokenizer, num_image_tokens=num_image_tokens,
         batch_size=global_batch // jax.process_count(), max_length=data.max_length,
         template=data.template, mask_mode=config.attention.mask, packing=data.packing,
         too_long=data.too_long, images_per_row=data.images_per_row,
@@ -520,29 +631,62 @@ class DataPipeline:
         read_threads=data.read_threads, system_prompt=data.system_prompt, flavour=data.flavour,
         augment=data.augment and training)
     kwargs.update(overrides)
-    source = tfds.data_source(data.dataset, split=split, data_dir=data.data_dir or None)
-    return cls(source, **kwargs)
+    if data.mixture:
+      from mma_jax.data.mixture import open_components
+      default = data.train_split if training else data.eval_split
+      components = open_components(
+          data, training=training, split=None if split == default else split,
+          process_index=kwargs.get("process_index", jax.process_index()),
+          process_count=kwargs.get("process_count", jax.process_count()))
+      return cls(components=components, **kwargs)
+    from mma_jax.data.mixture import resolve
+    source = tfds.data_source(data.dataset, split=split,
+                              data_dir=resolve(data.root, data.data_dir) or None)
+    return cls(source, dataset=data.dataset, **kwargs)
 
-  def examples(self) -> grain.IterDataset:
-    """Example (or skip) records of this process's shard, in order, before packing."""
-    ds = grain.MapDataset.source(self.source).map_with_index(_with_index)
+  def _component_records(self, k: int) -> grain.MapDataset | grain.IterDataset:
+    """Component k's example (or skip) records, labelled with its name: this process's shard,
+    shuffled with seed + k, repeated (a stream shards, shuffles and repeats itself)."""
+    component, make_example = self.components[k], self.make_examples[k]
+    if component.streamed:
+      return component.source.map_with_index(_with_index).map_with_index(ReadRecord(
+          make_example, augment=self.augment, seed=self.seed + k, num_records=None,
+          epoch_length=None, component=component.name))
+    ds = grain.MapDataset.source(component.source).map_with_index(_with_index)
     per_process = len(ds) // self.process_count   # equal shards: every process makes as many
+    where = f" of {component.name}" if len(self.components) > 1 else ""
     if per_process == 0:
-      raise ValueError(f"data: {len(ds)} records cannot be shared by {self.process_count} "
-                       "processes")
+      raise ValueError(f"data: {len(ds)} records{where} cannot be shared by "
+                       f"{self.process_count} processes")
     left_out = len(ds) - per_process * self.process_count
     if left_out:
-      logger.warning("data: the last %d of %d records are left out so that %d processes read "
-                     "%d each", left_out, len(ds), self.process_count, per_process)
+      logger.warning("data: the last %d of %d records%s are left out so that %d processes "
+                     "read %d each", left_out, len(ds), where, self.process_count, per_process)
     ds = ds[self.process_index:per_process * self.process_count:self.process_count]
     if self.shuffle:
-      ds = ds.shuffle(seed=self.seed)
-    ds = ds.repeat(self.num_epochs).map_with_index(ReadRecord(
-        self.make_example, augment=self.augment, seed=self.seed, num_records=len(self.source),
-        epoch_length=per_process))
+      ds = ds.shuffle(seed=self.seed + k)
+    return ds.repeat(self.num_epochs).map_with_index(ReadRecord(
+        make_example, augment=self.augment, seed=self.seed + k,
+        num_records=len(component.source), epoch_length=per_process,
+        component=component.name))
+
+  def examples(self) -> grain.IterDataset:
+    """Example (or skip) records of this process's shard, in order, before packing; each
+    carries its component's name as `dataset`."""
+    parts = [self._component_records(k) for k in range(len(self.components))]
+    weights = [c.weight for c in self.components]
     options = grain.ReadOptions(num_threads=self.read_threads,
                                 prefetch_buffer_size=self.pack_window)
-    records = ds.to_iter_dataset(options)
+    if all(isinstance(p, grain.MapDataset) for p in parts):
+      mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+      records = mixed.to_iter_dataset(options)
+    else:   # a stream joins: each random-access component reads ahead by its share
+      total = sum(weights)
+      parts = [p if isinstance(p, grain.IterDataset) else p.to_iter_dataset(grain.ReadOptions(
+                   num_threads=max(1, round(self.read_threads * w / total)),
+                   prefetch_buffer_size=max(1, math.ceil(self.pack_window * w / total))))
+               for p, w in zip(parts, weights)]
+      records = grain.IterDataset.mix(parts, weights)
     if self.num_workers:
       from absl import flags
       if not flags.FLAGS.is_parsed():
