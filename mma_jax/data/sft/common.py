@@ -13,23 +13,29 @@ A source row that cannot become a sample is skipped and counted by reason (build
 reasons every source shares are malformed_row (a missing or mistyped field), missing_image_file,
 undecodable_image and the layout's conversation checks (empty_answer, ...); each module names its
 own. A data file that is missing or is not JSON stops the build with a message naming it.
+
+The builders are builder_utils.RowsBuilder: the plain build reads the rows in order, and given
+Beam options the same per-row functions run as an Apache Beam pipeline (parts of ROWS_PER_PART
+rows; each worker loads the source file once). Keys come from the rows' labels, so both builds
+write the same records. A builder defines `load_rows(root, options)` -> [(label, row)] (the
+labels unique) and `samples(row, options)` -> [Sample], both static and picklable by reference.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Hashable
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mma_jax.data.builder_utils import RowError, SplitTally, checked_image_bytes
-from mma_jax.data.images import ImageError
+from mma_jax.data.builder_utils import (RowError, RowsBuilder, SplitRows, checked_image_bytes,
+                                        index_parts)
+from mma_jax.data.builder_utils import load_json as cached_json
 from mma_jax.data.pipeline import VQA_PROMPT
-from mma_jax.layout import Conversation, ConversationError
+from mma_jax.layout import Conversation
 from mma_jax.layout import _check_conversation as check_conversation   # the layout's own rules
 from mma_jax.templates import IMAGE_TOKEN
 
@@ -40,6 +46,9 @@ SCIENCEQA_PROMPT = ("Answer with the option's letter from the given choices dire
                     "Context: {context}\nOptions:\n{options}\n")
 VSR_PROMPT = VQA_PROMPT + " Please answer yes or no."
 REGION_PROMPT = "Provide a short description for this region. {bbox}"
+
+ROWS_PER_PART = 20_000   # rows per Beam work item
+NUMBER = (int, float)
 
 
 def box_text(x, y, w, h, width, height) -> str:
@@ -59,19 +68,13 @@ class Sample:
   target: str
 
 
-def load_json(path: pathlib.Path, source: str, *, lines: bool = False):
-  """A source's JSON file (or, with `lines`, its lines, unparsed); a missing or invalid file
-  stops the build naming it."""
+def load_json(path: epath.Path, source: str):
+  """A source's JSON file (loaded once per process); a missing or invalid file stops the build
+  naming it."""
   if not path.is_file():
     raise FileNotFoundError(f"{source}: '{path}' does not exist (manual_dir must be the SFT data "
                             f"root of the official configs)")
-  text = path.read_text(encoding="utf-8")
-  if lines:
-    return text.splitlines()
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{source}: '{path}' is not valid JSON: {e}") from None
+  return cached_json(path, source)
 
 
 def field(row, key: str, kind: type | tuple[type, ...]):
@@ -91,21 +94,28 @@ def manual_instructions(files: tuple[str, ...]) -> str:
           "*.yaml `root`); it must hold " + ", ".join(files) + ".")
 
 
-NUMBER = (int, float)
-
-# (label naming the row in warnings, unique in the source; parse: () -> the row's samples,
-# raising RowError)
-Rows = Iterator[tuple[str, Callable[[], list[Sample]]]]
-
-
-class SftBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """The build loop of the SFT sources: subclasses name their files and parse their rows."""
+class SftBuilder(RowsBuilder, skip_registration=True):
+  """The build of the SFT sources: subclasses name their files, load and parse their rows."""
 
   code_path = epath.Path(__file__)   # see easy_vqa.py: avoids the missing importlib_resources
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "The official AKI SFT samples from the original release files."}
   FILES: tuple[str, ...] = ()        # what it reads, relative to the root (the first: its rows)
   HOMEPAGE = ""
+
+  @staticmethod
+  def load_rows(root: epath.Path, options: Hashable) -> list[tuple[str, Any]]:
+    """The source's rows in file order, each with a label naming it (unique in the source)."""
+    raise NotImplementedError
+
+  @staticmethod
+  def samples(row, options: Hashable) -> list[Sample]:
+    """A row's samples (ocr_vqa: several); raises RowError."""
+    raise NotImplementedError
+
+  def row_options(self) -> Hashable:
+    """What load_rows and samples need beyond the row (the builder config's choices)."""
+    return None
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -125,28 +135,51 @@ class SftBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     )
 
   def _split_generators(self, dl_manager):
-    root = pathlib.Path(dl_manager.manual_dir)
-    return {"train": self._generate_examples(root)}
+    return {"train": self._generate_examples(epath.Path(dl_manager.manual_dir))}
 
-  def rows(self, root: pathlib.Path) -> Rows:
-    raise NotImplementedError
-
-  def _generate_examples(self, root: pathlib.Path):
-    tally = SplitTally(self, "train", root / self.FILES[0])
-    image_bytes = functools.lru_cache(maxsize=16)(checked_image_bytes)  # rows share images
-    for label, parse in self.rows(root):
-      try:
-        records = [record(sample, image_bytes, root) for sample in parse()]
-      except (RowError, ImageError, ConversationError) as e:
-        tally.skip(label, e.reason, str(e))
-        continue
-      for k, item in enumerate(records):
-        tally.kept += 1
-        yield f"{label}/{k}", item   # keys from the rows, not a running count
-    tally.finish()
+  def _generate_examples(self, root: epath.Path):
+    # The files' versions: rows cached in a process are reused only while the files are unchanged.
+    stamp = tuple((f.stat().mtime, f.stat().length) for f in (root / n for n in self.FILES)
+                  if f.is_file())
+    source = (type(self), root, self.row_options(), stamp)
+    count = len(labelled_rows(*source))
+    parts = index_parts(count, ROWS_PER_PART if self.builds_with_beam else max(count, 1))
+    return self.split_examples("train", SplitRows(
+        source=root / self.FILES[0], parts=parts,
+        read=functools.partial(read_rows, source),
+        examples=functools.partial(examples, source)))
 
 
-def record(sample: Sample, image_bytes, root: pathlib.Path) -> dict:
+Source = tuple   # (builder class, root, row_options(), the files' (mtime, size)): picklable
+
+
+@functools.lru_cache(maxsize=2)   # once per process: Beam workers read many parts of a file
+def labelled_rows(builder: type[SftBuilder], root: epath.Path, options, stamp) -> list:
+  del stamp   # part of the cache key only
+  return builder.load_rows(root, options)
+
+
+def read_rows(source: Source, part: tuple[int, int]):
+  """The labelled rows [start, stop) of the source: (label, (label, row))."""
+  for label, row in labelled_rows(*source)[slice(*part)]:
+    yield label, (label, row)
+
+
+def examples(source: Source, labelled_row):
+  """(label, row) -> [(key, record)]: the row's samples in the llava_instruct schema, keyed by
+  the label; raises RowError, ConversationError or ImageError."""
+  builder, root, options, _ = source
+  label, row = labelled_row
+  return [(f"{label}/{k}", record(sample, root))
+          for k, sample in enumerate(builder.samples(row, options))]
+
+
+@functools.lru_cache(maxsize=16)   # consecutive rows often share an image
+def image_bytes(path: epath.Path) -> bytes:
+  return checked_image_bytes(path)
+
+
+def record(sample: Sample, root: epath.Path) -> dict:
   """A sample in the llava_instruct schema; raises what the layout or the image check raise."""
   images = [] if sample.image is None else [sample.image]
   user = (f"{IMAGE_TOKEN}\n" if images else "") + sample.input

@@ -16,10 +16,10 @@ Own skip reason: bad_answer_index (the correct option's index is not one of the 
 """
 from __future__ import annotations
 
-import pathlib
+from etils import epath
 
 from mma_jax.data.builder_utils import RowError
-from mma_jax.data.sft.common import (MC_PROMPT, SCIENCEQA_PROMPT, Rows, Sample, SftBuilder, field,
+from mma_jax.data.sft.common import (MC_PROMPT, SCIENCEQA_PROMPT, Sample, SftBuilder, field,
                                      load_json, manual_instructions)
 from mma_jax.data.sft.options import option_order, options_text
 
@@ -43,25 +43,26 @@ class Aokvqa(SftBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = manual_instructions(FILES)
   HOMEPAGE = "https://allenai.org/project/a-okvqa"
 
-  def rows(self, root: pathlib.Path) -> Rows:
-    path = root / self.FILES[0]
-    rows = load_json(path, self.name)
+  @staticmethod
+  def load_rows(root: epath.Path, options):
+    path = root / Aokvqa.FILES[0]
+    rows = load_json(path, Aokvqa.name)
     if not isinstance(rows, list):
-      raise ValueError(f"{self.name}: '{path}' must hold a JSON list of questions")
+      raise ValueError(f"aokvqa: '{path}' must hold a JSON list of questions")
+    return [(f"{index} (question_id "
+             f"{row.get('question_id') if isinstance(row, dict) else None!r})", row)
+            for index, row in enumerate(rows)]
 
-    def parse(row) -> list[Sample]:
-      if field(row, "split", str) != "train":
-        return []
-      example_id = field(row, "question_id", str)
-      options, letter = shuffled_options(self.name, example_id, field(row, "choices", list),
-                                         field(row, "correct_choice_idx", int))
-      image = f"A-OKVQA/train2017/{field(row, 'image_id', int):012}.jpg"
-      text = MC_PROMPT.format(question=field(row, "question", str), options=options)
-      return [Sample(example_id, image, text, letter)]
-
-    for index, row in enumerate(rows):
-      qid = row.get("question_id") if isinstance(row, dict) else None
-      yield f"{index} (question_id {qid!r})", lambda row=row: parse(row)
+  @staticmethod
+  def samples(row, options) -> list[Sample]:
+    if field(row, "split", str) != "train":
+      return []
+    example_id = field(row, "question_id", str)
+    option_lines, letter = shuffled_options("aokvqa", example_id, field(row, "choices", list),
+                                            field(row, "correct_choice_idx", int))
+    image = f"A-OKVQA/train2017/{field(row, 'image_id', int):012}.jpg"
+    text = MC_PROMPT.format(question=field(row, "question", str), options=option_lines)
+    return [Sample(example_id, image, text, letter)]
 
 
 class Scienceqa(SftBuilder):
@@ -73,23 +74,24 @@ class Scienceqa(SftBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = manual_instructions(FILES)
   HOMEPAGE = "https://scienceqa.github.io/"
 
-  def rows(self, root: pathlib.Path) -> Rows:
-    path = root / self.FILES[0]
-    problems = load_json(path, self.name)
+  @staticmethod
+  def load_rows(root: epath.Path, options):
+    path = root / Scienceqa.FILES[0]
+    problems = load_json(path, Scienceqa.name)
     if not isinstance(problems, dict):
-      raise ValueError(f"{self.name}: '{path}' must hold an object {{pid: problem}}")
+      raise ValueError(f"scienceqa: '{path}' must hold an object {{pid: problem}}")
+    return [(f"pid {pid!r}", (pid, problem)) for pid, problem in problems.items()]
 
-    def parse(pid, problem) -> list[Sample]:
-      if field(problem, "split", str) != "train":
-        return []
-      image = field(problem, "image", (str, type(None)))
-      options, letter = shuffled_options(self.name, pid, field(problem, "choices", list),
-                                         field(problem, "answer", int))
-      context = field(problem, "hint", str) or "N/A"
-      text = SCIENCEQA_PROMPT.format(question=field(problem, "question", str), context=context,
-                                     options=options)
-      image_file = None if image is None else f"ScienceQA/images/train/{pid}/{image}"
-      return [Sample(pid, image_file, text, letter)]
-
-    for pid, problem in problems.items():
-      yield f"pid {pid!r}", lambda pid=pid, problem=problem: parse(pid, problem)
+  @staticmethod
+  def samples(row, options) -> list[Sample]:
+    pid, problem = row
+    if field(problem, "split", str) != "train":
+      return []
+    image = field(problem, "image", (str, type(None)))
+    option_lines, letter = shuffled_options("scienceqa", pid, field(problem, "choices", list),
+                                            field(problem, "answer", int))
+    context = field(problem, "hint", str) or "N/A"
+    text = SCIENCEQA_PROMPT.format(question=field(problem, "question", str), context=context,
+                                   options=option_lines)
+    image_file = None if image is None else f"ScienceQA/images/train/{pid}/{image}"
+    return [Sample(pid, image_file, text, letter)]

@@ -20,11 +20,11 @@ region of another image), missing_image_metadata (no size for a VG image), bad_i
 """
 from __future__ import annotations
 
-import pathlib
+from etils import epath
 
 from mma_jax.data.builder_utils import RowError
-from mma_jax.data.sft.common import (NUMBER, REGION_PROMPT, Rows, Sample, SftBuilder, box_text,
-                                     field, load_json, manual_instructions)
+from mma_jax.data.sft.common import (NUMBER, REGION_PROMPT, Sample, SftBuilder, box_text, field,
+                                     load_json, manual_instructions)
 
 
 def image_size(row) -> tuple[float, float]:
@@ -46,31 +46,40 @@ class _RefExp(SftBuilder, skip_registration=True):
 
   HOMEPAGE = "https://github.com/ashkamath/mdetr/blob/main/.github/refexp.md"
 
-  def rows(self, root: pathlib.Path) -> Rows:
-    path = root / self.FILES[0]
-    data = load_json(path, self.name)
+  def row_options(self) -> str:
+    return self.FILES[0]   # which annotation file
+
+  @staticmethod
+  def load_rows(root: epath.Path, annotation_file: str):
+    """(MDETR image entry, its annotation or None)."""
+    path = root / annotation_file
+    data = load_json(path, annotation_file)
     try:
       entries = data["images"]
       boxes = {}
       for annotation in data["annotations"]:
         boxes.setdefault(annotation["image_id"], annotation)
     except (KeyError, TypeError) as e:
-      raise ValueError(f"{self.name}: '{path}' is not an MDETR annotation file (`images` and "
-                       f"`annotations` with image_id; {e!r})") from None
-
-    def parse(entry) -> list[Sample]:
-      entry_id = field(entry, "id", int)
-      if entry_id not in boxes:
-        raise RowError("missing_annotation", f"no annotation has image_id {entry_id}")
-      x, y, w, h = xywh(field(boxes[entry_id], "bbox", list))
-      box = box_text(x, y, w, h, *image_size(entry))
-      image = f"VQA/train2014/{field(entry, 'file_name', str)}"
-      return [Sample(str(entry_id), image, REGION_PROMPT.format(bbox=box),
-                     field(entry, "caption", str))]
-
+      raise ValueError(f"'{path}' is not an MDETR annotation file (`images` and `annotations` "
+                       f"with image_id; {e!r})") from None
+    labelled = []
     for index, entry in enumerate(entries):
       entry_id = entry.get("id") if isinstance(entry, dict) else None
-      yield f"{index} (id {entry_id!r})", lambda entry=entry: parse(entry)
+      box = boxes.get(entry_id) if isinstance(entry_id, int) else None
+      labelled.append((f"{index} (id {entry_id!r})", (entry, box)))
+    return labelled
+
+  @staticmethod
+  def samples(row, annotation_file) -> list[Sample]:
+    entry, annotation = row
+    entry_id = field(entry, "id", int)
+    if annotation is None:
+      raise RowError("missing_annotation", f"no annotation has image_id {entry_id}")
+    x, y, w, h = xywh(field(annotation, "bbox", list))
+    box = box_text(x, y, w, h, *image_size(entry))
+    image = f"VQA/train2014/{field(entry, 'file_name', str)}"
+    return [Sample(str(entry_id), image, REGION_PROMPT.format(bbox=box),
+                   field(entry, "caption", str))]
 
 
 class Refcoco(_RefExp):
@@ -103,35 +112,41 @@ class VisualGenome(SftBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = manual_instructions(FILES)
   HOMEPAGE = "https://homes.cs.washington.edu/~ranjay/visualgenome/"
 
-  def rows(self, root: pathlib.Path) -> Rows:
-    regions_path, images_path = root / self.FILES[0], root / self.FILES[1]
-    images = load_json(images_path, self.name)
-    regions = load_json(regions_path, self.name)
+  @staticmethod
+  def load_rows(root: epath.Path, options):
+    """One row per region: (image id, region, the image's size row or None); an image entry
+    without an id or a regions list is one row: (None, the entry, None)."""
+    regions_path, images_path = root / VisualGenome.FILES[0], root / VisualGenome.FILES[1]
+    images = load_json(images_path, VisualGenome.name)
+    regions = load_json(regions_path, VisualGenome.name)
     if not (isinstance(images, list) and isinstance(regions, list)):
-      raise ValueError(f"{self.name}: '{regions_path}' and '{images_path}' must hold JSON lists")
+      raise ValueError(f"visual_genome: '{regions_path}' and '{images_path}' must hold JSON "
+                       f"lists")
     sizes = {m.get("image_id"): m for m in images if isinstance(m, dict)}
-
-    def parse(image_id, region) -> list[Sample]:
-      region_id = field(region, "region_id", int)
-      if field(region, "image_id", int) != image_id:
-        raise RowError("annotation_mismatch", f"region {region_id} is of image "
-                       f"{region['image_id']}, listed under image {image_id}")
-      if image_id not in sizes:
-        raise RowError("missing_image_metadata", f"image_data.json has no image_id {image_id}")
-      box = box_text(*(field(region, k, NUMBER) for k in ("x", "y", "width", "height")),
-                     *image_size(sizes[image_id]))
-      return [Sample(str(region_id), f"VisualGenome/images/{image_id}.jpg",
-                     REGION_PROMPT.format(bbox=box), field(region, "phrase", str))]
-
-    def malformed(message):
-      raise RowError("malformed_row", message)
-
+    labelled = []
     for index, entry in enumerate(regions):
       if not (isinstance(entry, dict) and isinstance(entry.get("id"), int)
               and isinstance(entry.get("regions"), list)):
-        yield f"image entry {index}", lambda: malformed("an image entry needs an int 'id' and a "
-                                                        "'regions' list")
+        labelled.append((f"image entry {index}", (None, entry, None)))
         continue
+      image_id = entry["id"]
       for k, region in enumerate(entry["regions"]):
-        yield (f"region {k} of image entry {index} (id {entry['id']})",
-               lambda image_id=entry["id"], region=region: parse(image_id, region))
+        labelled.append((f"region {k} of image entry {index} (id {image_id})",
+                         (image_id, region, sizes.get(image_id))))
+    return labelled
+
+  @staticmethod
+  def samples(row, options) -> list[Sample]:
+    image_id, region, size = row
+    if image_id is None:
+      raise RowError("malformed_row", "an image entry needs an int 'id' and a 'regions' list")
+    region_id = field(region, "region_id", int)
+    if field(region, "image_id", int) != image_id:
+      raise RowError("annotation_mismatch", f"region {region_id} is of image "
+                     f"{region['image_id']}, listed under image {image_id}")
+    if size is None:
+      raise RowError("missing_image_metadata", f"image_data.json has no image_id {image_id}")
+    box = box_text(*(field(region, k, NUMBER) for k in ("x", "y", "width", "height")),
+                   *image_size(size))
+    return [Sample(str(region_id), f"VisualGenome/images/{image_id}.jpg",
+                   REGION_PROMPT.format(bbox=box), field(region, "phrase", str))]

@@ -4,8 +4,8 @@ INPUT `Answer the question using a single word or phrase. {question}`, TARGET th
 official VQADataset, GQADataset and OCRVQADataset (sft_data_utils/) with the "default" template.
 Files, under the SFT data root (manual_dir):
 
-  vqav2    VQA/v2_OpenEnded_mscoco_train2014_questions.json + VQA/v2_mscoco_train2014_annotations.json
-           (joined on question_id), images VQA/train2014/COCO_{data_subtype}_{image_id:012}.jpg;
+  vqav2    VQA/v2_OpenEnded_mscoco_train2014_questions.json +
+           VQA/v2_mscoco_train2014_annotations.json (joined on question_id), images VQA/train2014/COCO_{data_subtype}_{image_id:012}.jpg;
            TARGET multiple_choice_answer; id: the question_id.
            Own skip reasons: missing_annotation, annotation_mismatch (another image_id).
   gqa      GQA/train_balanced_questions.json ({question id: question}), images
@@ -18,11 +18,12 @@ Files, under the SFT data root (manual_dir):
 from __future__ import annotations
 
 import os
-import pathlib
+
+from etils import epath
 
 from mma_jax.data.builder_utils import RowError
 from mma_jax.data.pipeline import VQA_PROMPT
-from mma_jax.data.sft.common import Rows, Sample, SftBuilder, field, load_json, manual_instructions
+from mma_jax.data.sft.common import Sample, SftBuilder, field, load_json, manual_instructions
 
 
 class Vqav2(SftBuilder):
@@ -34,33 +35,38 @@ class Vqav2(SftBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = manual_instructions(FILES)
   HOMEPAGE = "https://visualqa.org/"
 
-  def rows(self, root: pathlib.Path) -> Rows:
-    questions_path, annotations_path = root / self.FILES[0], root / self.FILES[1]
-    questions = load_json(questions_path, self.name)
-    annotations = load_json(annotations_path, self.name)
+  @staticmethod
+  def load_rows(root: epath.Path, options):
+    """(question, its annotation or None, the data_subtype naming the image files)."""
+    questions_path, annotations_path = root / Vqav2.FILES[0], root / Vqav2.FILES[1]
+    questions = load_json(questions_path, Vqav2.name)
+    annotations = load_json(annotations_path, Vqav2.name)
     try:
-      subtype, question_rows = questions["data_subtype"], questions["questions"]
+      subtype, rows = questions["data_subtype"], questions["questions"]
       answers = {a["question_id"]: a for a in annotations["annotations"]}
     except (KeyError, TypeError) as e:
-      raise ValueError(f"{self.name}: '{questions_path}' or '{annotations_path}' is not a VQAv2 "
+      raise ValueError(f"vqav2: '{questions_path}' or '{annotations_path}' is not a VQAv2 "
                        f"questions/annotations file (missing {e})") from None
+    labelled = []
+    for index, q in enumerate(rows):
+      question_id = q.get("question_id") if isinstance(q, dict) else None
+      labelled.append((f"{index} (question_id {question_id!r})",
+                       (q, answers.get(question_id), subtype)))
+    return labelled
 
-    def parse(q) -> list[Sample]:
-      question_id, image_id = field(q, "question_id", int), field(q, "image_id", int)
-      question = field(q, "question", str)
-      if question_id not in answers:
-        raise RowError("missing_annotation", f"no annotation has question_id {question_id}")
-      answer = answers[question_id]
-      if answer.get("image_id") != image_id:
-        raise RowError("annotation_mismatch", f"the annotation of question {question_id} is of "
-                       f"image {answer.get('image_id')!r}, the question of image {image_id}")
-      image = f"VQA/train2014/COCO_{subtype}_{image_id:012}.jpg"
-      return [Sample(str(question_id), image, VQA_PROMPT.format(question=question),
-                     field(answer, "multiple_choice_answer", str))]
-
-    for index, q in enumerate(question_rows):
-      qid = q.get("question_id") if isinstance(q, dict) else None
-      yield f"{index} (question_id {qid!r})", lambda q=q: parse(q)
+  @staticmethod
+  def samples(row, options) -> list[Sample]:
+    q, answer, subtype = row
+    question_id, image_id = field(q, "question_id", int), field(q, "image_id", int)
+    question = field(q, "question", str)
+    if answer is None:
+      raise RowError("missing_annotation", f"no annotation has question_id {question_id}")
+    if answer.get("image_id") != image_id:
+      raise RowError("annotation_mismatch", f"the annotation of question {question_id} is of "
+                     f"image {answer.get('image_id')!r}, the question of image {image_id}")
+    image = f"VQA/train2014/COCO_{subtype}_{image_id:012}.jpg"
+    return [Sample(str(question_id), image, VQA_PROMPT.format(question=question),
+                   field(answer, "multiple_choice_answer", str))]
 
 
 class Gqa(SftBuilder):
@@ -71,19 +77,20 @@ class Gqa(SftBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = manual_instructions(FILES)
   HOMEPAGE = "https://cs.stanford.edu/people/dorarad/gqa/"
 
-  def rows(self, root: pathlib.Path) -> Rows:
-    path = root / self.FILES[0]
-    questions = load_json(path, self.name)
+  @staticmethod
+  def load_rows(root: epath.Path, options):
+    path = root / Gqa.FILES[0]
+    questions = load_json(path, Gqa.name)
     if not isinstance(questions, dict):
-      raise ValueError(f"{self.name}: '{path}' must hold an object {{question id: question}}")
+      raise ValueError(f"gqa: '{path}' must hold an object {{question id: question}}")
+    return [(f"{key!r}", (key, q)) for key, q in questions.items()]
 
-    def parse(key, q) -> list[Sample]:
-      image = f"GQA/images/{field(q, 'imageId', str)}.jpg"
-      return [Sample(key, image, VQA_PROMPT.format(question=field(q, "question", str)),
-                     field(q, "answer", str))]
-
-    for key, q in questions.items():
-      yield f"{key!r}", lambda key=key, q=q: parse(key, q)
+  @staticmethod
+  def samples(row, options) -> list[Sample]:
+    key, q = row
+    image = f"GQA/images/{field(q, 'imageId', str)}.jpg"
+    return [Sample(key, image, VQA_PROMPT.format(question=field(q, "question", str)),
+                   field(q, "answer", str))]
 
 
 class OcrVqa(SftBuilder):
@@ -95,22 +102,23 @@ class OcrVqa(SftBuilder):
   HOMEPAGE = "https://ocr-vqa.github.io/"
   TRAIN_SPLIT = 1   # dataset.json's split codes: 1 train, 2 validation, 3 test
 
-  def rows(self, root: pathlib.Path) -> Rows:
-    path = root / self.FILES[0]
-    books = load_json(path, self.name)
+  @staticmethod
+  def load_rows(root: epath.Path, options):
+    path = root / OcrVqa.FILES[0]
+    books = load_json(path, OcrVqa.name)
     if not isinstance(books, dict):
-      raise ValueError(f"{self.name}: '{path}' must hold an object {{book id: book}}")
+      raise ValueError(f"ocr_vqa: '{path}' must hold an object {{book id: book}}")
+    return [(f"{key!r}", (key, book)) for key, book in books.items()]
 
-    def parse(key, book) -> list[Sample]:
-      if field(book, "split", int) != self.TRAIN_SPLIT:
-        return []
-      extension = os.path.splitext(field(book, "imageURL", str))[1]
-      questions, answers = field(book, "questions", list), field(book, "answers", list)
-      if not all(isinstance(s, str) for s in questions + answers):
-        raise RowError("malformed_row", "'questions' and 'answers' must hold strings")
-      image = f"OCRVQA/images/{key}{extension}"
-      return [Sample(f"{key}:{k}", image, VQA_PROMPT.format(question=q), a)
-              for k, (q, a) in enumerate(zip(questions, answers))]
-
-    for key, book in books.items():
-      yield f"{key!r}", lambda key=key, book=book: parse(key, book)
+  @staticmethod
+  def samples(row, options) -> list[Sample]:
+    key, book = row
+    if field(book, "split", int) != OcrVqa.TRAIN_SPLIT:
+      return []
+    extension = os.path.splitext(field(book, "imageURL", str))[1]
+    questions, answers = field(book, "questions", list), field(book, "answers", list)
+    if not all(isinstance(s, str) for s in questions + answers):
+      raise RowError("malformed_row", "'questions' and 'answers' must hold strings")
+    image = f"OCRVQA/images/{key}{extension}"
+    return [Sample(f"{key}:{k}", image, VQA_PROMPT.format(question=q), a)
+            for k, (q, a) in enumerate(zip(questions, answers))]

@@ -18,14 +18,13 @@ Own skip reasons: unknown_image_folder (an image_link outside train2017/val2017)
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from mma_jax.data.builder_utils import RowError
-from mma_jax.data.sft.common import (VSR_PROMPT, Rows, Sample, SftBuilder, field, load_json,
-                                     manual_instructions)
+from mma_jax.data.sft.common import (VSR_PROMPT, Sample, SftBuilder, field, manual_instructions)
 
 IMAGE_FOLDERS = {"train2017": "A-OKVQA/train2017", "val2017": "vsr/val2017"}
 _WORD_IS = re.compile(r"\bis\b")
@@ -57,26 +56,34 @@ class Vsr(SftBuilder):
                 description="Questions split as the official code does: at every 'is'."),
   ]
 
-  def rows(self, root: pathlib.Path) -> Rows:
-    official_split = self.builder_config.official_split
+  def row_options(self) -> bool:
+    return self.builder_config.official_split
 
-    def parse(number, line) -> list[Sample]:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RowError("malformed_row", f"not valid JSON: {e}") from None
-      link = field(row, "image_link", str).split("/")
-      folder = link[-2] if len(link) >= 2 else ""
-      if folder not in IMAGE_FOLDERS:
-        raise RowError("unknown_image_folder", f"image_link {row['image_link']!r} is in neither "
-                       f"{' nor '.join(IMAGE_FOLDERS)}")
-      label = field(row, "label", int)
-      if label not in (0, 1):
-        raise RowError("malformed_row", f"'label' must be 0 or 1, got {label!r}")
-      text = question(field(row, "caption", str), official_split)
-      return [Sample(str(number), f"{IMAGE_FOLDERS[folder]}/{link[-1]}",
-                     VSR_PROMPT.format(question=text), "yes" if label == 1 else "no")]
+  @staticmethod
+  def load_rows(root: epath.Path, options):
+    path = root / Vsr.FILES[0]
+    if not path.is_file():
+      raise FileNotFoundError(f"vsr: '{path}' does not exist (manual_dir must be the SFT data "
+                              f"root of the official configs)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    # blank lines are not rows
+    return [(f"line {n}", (n, line)) for n, line in enumerate(lines, 1) if line.strip()]
 
-    for number, line in enumerate(load_json(root / self.FILES[0], self.name, lines=True), 1):
-      if line.strip():   # blank lines are not rows
-        yield f"line {number}", lambda number=number, line=line: parse(number, line)
+  @staticmethod
+  def samples(row, official_split: bool) -> list[Sample]:
+    number, line = row
+    try:
+      caption_row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise RowError("malformed_row", f"not valid JSON: {e}") from None
+    link = field(caption_row, "image_link", str).split("/")
+    folder = link[-2] if len(link) >= 2 else ""
+    if folder not in IMAGE_FOLDERS:
+      raise RowError("unknown_image_folder", f"image_link {caption_row['image_link']!r} is in "
+                     f"neither {' nor '.join(IMAGE_FOLDERS)}")
+    label = field(caption_row, "label", int)
+    if label not in (0, 1):
+      raise RowError("malformed_row", f"'label' must be 0 or 1, got {label!r}")
+    text = question(field(caption_row, "caption", str), official_split)
+    return [Sample(str(number), f"{IMAGE_FOLDERS[folder]}/{link[-1]}",
+                   VSR_PROMPT.format(question=text), "yes" if label == 1 else "no")]
