@@ -163,7 +163,7 @@ BROKEN = {
     "vqav2": {"missing_annotation": 1, "missing_image_file": 1, "malformed_row": 1},
     "gqa": {"malformed_row": 1, "undecodable_image": 1},
     "vsr": {"malformed_row": 2, "unknown_image_folder": 1, "missing_image_file": 1},
-    "ocr_vqa": {"malformed_row": 1, "missing_image_file": 1},
+    "ocr_vqa": {"malformed_row": 1, "missing_image_file": 1, "empty_answer": 1},
     "aokvqa": {"bad_answer_index": 1, "malformed_row": 1, "missing_image_file": 1},
     "scienceqa": {"bad_answer_index": 1, "missing_image_file": 1, "malformed_row": 1},
     "refcoco": {"missing_annotation": 1, "malformed_row": 1, "missing_image_file": 1},
@@ -240,6 +240,8 @@ def write_root(root: pathlib.Path, broken: bool = False) -> pathlib.Path:
     books["0004"] = {"imageURL": "http://x/54.jpg", "split": 1, "answers": ["No question"]}
     books["0005"] = {"imageURL": "http://x/55.jpg", "split": 1,
                      "questions": ["Where is my cover?"], "answers": ["Lost"]}
+    books["0001"] = dict(books["0001"], questions=books["0001"]["questions"] + ["Is it empty?"],
+                         answers=books["0001"]["answers"] + [" "])   # one bad pair of a book
   write_json(root / "OCRVQA/dataset.json", books)
 
   rows = list(AOKVQA_ROWS)

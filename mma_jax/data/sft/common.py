@@ -110,7 +110,7 @@ class SftBuilder(RowsBuilder, skip_registration=True):
 
   @staticmethod
   def samples(row, options: Hashable) -> list[Sample]:
-    """A row's samples (ocr_vqa: several); raises RowError."""
+    """A row's samples (none for a row of another split); raises RowError."""
     raise NotImplementedError
 
   def row_options(self) -> Hashable:

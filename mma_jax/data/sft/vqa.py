@@ -12,8 +12,8 @@ Files, under the SFT data root (manual_dir):
            GQA/images/{imageId}.jpg; TARGET `answer` (not fullAnswer); id: the question id.
   ocr_vqa  OCRVQA/dataset.json ({book id: {imageURL, questions, answers, split}}), rows of
            split 1 (train; the others are not train rows, not skips), images
-           OCRVQA/images/{book id}{extension of imageURL}; one sample per question/answer pair
-           (zipped, as the official code); id: `{book id}:{pair index}`.
+           OCRVQA/images/{book id}{extension of imageURL}; one sample (and row) per
+           question/answer pair (zipped, as the official code); id: `{book id}:{pair index}`.
 """
 from __future__ import annotations
 
@@ -104,21 +104,34 @@ class OcrVqa(SftBuilder):
 
   @staticmethod
   def load_rows(root: epath.Path, options):
+    """One row per question/answer pair, (book id, book, pair index); a book without question
+    and answer lists is one row, (book id, book, None)."""
     path = root / OcrVqa.FILES[0]
     books = load_json(path, OcrVqa.name)
     if not isinstance(books, dict):
       raise ValueError(f"ocr_vqa: '{path}' must hold an object {{book id: book}}")
-    return [(f"{key!r}", (key, book)) for key, book in books.items()]
+    labelled = []
+    for key, book in books.items():
+      pairs = (min(len(book["questions"]), len(book["answers"]))   # zipped, as the official code
+               if isinstance(book, dict) and isinstance(book.get("questions"), list)
+               and isinstance(book.get("answers"), list) else None)
+      if pairs is None:
+        labelled.append((f"{key!r}", (key, book, None)))
+      else:
+        labelled += [(f"{key!r} pair {k}", (key, book, k)) for k in range(pairs)]
+    return labelled
 
   @staticmethod
   def samples(row, options) -> list[Sample]:
-    key, book = row
+    key, book, k = row
     if field(book, "split", int) != OcrVqa.TRAIN_SPLIT:
       return []
+    if k is None:
+      raise RowError("malformed_row", "a book needs 'questions' and 'answers' lists")
     extension = os.path.splitext(field(book, "imageURL", str))[1]
-    questions, answers = field(book, "questions", list), field(book, "answers", list)
-    if not all(isinstance(s, str) for s in questions + answers):
-      raise RowError("malformed_row", "'questions' and 'answers' must hold strings")
-    image = f"OCRVQA/images/{key}{extension}"
-    return [Sample(f"{key}:{k}", image, VQA_PROMPT.format(question=q), a)
-            for k, (q, a) in enumerate(zip(questions, answers))]
+    question, answer = book["questions"][k], book["answers"][k]
+    if not (isinstance(question, str) and isinstance(answer, str)):
+      raise RowError("malformed_row", f"question and answer {k} must be strings, got "
+                     f"{question!r}, {answer!r}")
+    return [Sample(f"{key}:{k}", f"OCRVQA/images/{key}{extension}",
+                   VQA_PROMPT.format(question=question), answer)]
