@@ -93,7 +93,10 @@ class Entry:
     if self.manual_dir:
       logger.info("%s: building %s from %s into %s (once)", self.label, self.dataset,
                   self.manual_dir, builder.data_dir)
-      prepare(self.dataset, self.data_dir or builder.data_dir_root, self.manual_dir)
+      try:
+        prepare(self.dataset, self.data_dir or builder.data_dir_root, self.manual_dir)
+      except (FileNotFoundError, ValueError) as e:
+        raise self.error(f"building from manual_dir '{self.manual_dir}' failed: {e}") from None
     elif self.dataset.split("/")[0] in PACKAGED:
       prepare_packaged(self.dataset, self.data_dir)
     else:
