@@ -5,17 +5,20 @@ offline from the package's files: one example per question (train 38,575, test 9
 
 Features: image (uint8 [64, 64, 3], stored as the shipped PNG bytes), image_id, question, answer,
 question_type ("shape", "color" or "yes_no"; easy-vqa ships no type, so it is read off the answer
-vocabulary: the shape names, yes/no, otherwise a colour).
+vocabulary: the shape names, yes/no, otherwise a colour). Builds plain or with Apache Beam
+(builder_utils.RowsBuilder); no row is ever skipped.
 """
 from __future__ import annotations
 
-import json
+import functools
 import pathlib
 
 import easy_vqa as easy_vqa_package
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from mma_jax.data.builder_utils import RowsBuilder, SplitRows, index_parts, load_json
 
 SHAPES = ("circle", "rectangle", "triangle")
 IMAGE_SIZE = 64
@@ -31,7 +34,33 @@ def question_type(answer: str) -> str:
   return "shape" if answer in SHAPES else "color"
 
 
-class EasyVqa(tfds.core.GeneratorBasedBuilder):
+QUESTIONS_PER_PART = 5_000   # rows one Beam worker reads before they are spread out
+
+
+def read_questions(split_dir: epath.Path, part: tuple[int, int]):
+  """Questions [start, stop) of a split: (label, (index, [question, answer, image_id]))."""
+  questions = load_json(split_dir / "questions.json", "easy_vqa")
+  for index in range(*part):
+    yield f"question {index}", (index, questions[index])
+
+
+@functools.lru_cache(maxsize=8192)   # one image serves ~10 questions: read each file once
+def image_file_bytes(split_dir: str, image_id: int) -> bytes:
+  return (epath.Path(split_dir) / "images" / f"{image_id}.png").read_bytes()
+
+
+def question_example(indexed_question, split_dir: str):
+  index, (question, answer, image_id) = indexed_question
+  return [(index, {
+      "image": image_file_bytes(split_dir, image_id),
+      "image_id": image_id,
+      "question": question,
+      "answer": answer,
+      "question_type": question_type(answer),
+  })]
+
+
+class EasyVqa(RowsBuilder):
   """easy-VQA (github.com/vzhou842/easy-VQA) from the installed package; no download."""
 
   # tfds finds a builder's source through the `importlib_resources` backport, which is not
@@ -53,6 +82,7 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder):
             "question_type": tfds.features.Text(),
         }),
         homepage="https://github.com/vzhou842/easy-VQA",
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -61,15 +91,10 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder):
             for split in ("train", "test")}
 
   def _generate_examples(self, split_dir: pathlib.Path):
-    questions = json.loads((split_dir / "questions.json").read_text())
-    image_bytes = {}   # one image serves ~10 questions: read each file once
-    for index, (question, answer, image_id) in enumerate(questions):
-      if image_id not in image_bytes:
-        image_bytes[image_id] = (split_dir / "images" / f"{image_id}.png").read_bytes()
-      yield index, {
-          "image": image_bytes[image_id],
-          "image_id": image_id,
-          "question": question,
-          "answer": answer,
-          "question_type": question_type(answer),
-      }
+    split_dir = epath.Path(split_dir)
+    count = len(load_json(split_dir / "questions.json", "easy_vqa"))
+    parts = index_parts(count, QUESTIONS_PER_PART if self.builds_with_beam else max(count, 1))
+    return self.split_examples(split_dir.name, SplitRows(
+        source=split_dir / "questions.json", parts=parts,
+        read=functools.partial(read_questions, split_dir),
+        examples=functools.partial(question_example, split_dir=str(split_dir))))
