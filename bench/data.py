@@ -1,10 +1,14 @@
-"""Data pipeline benchmark: examples/s, tokens/s and packing efficiency, packing vs padding-only.
+"""Data pipeline benchmark: examples/s, tokens/s and packing efficiency, packing vs padding-only,
+for single datasets and a mixture.
 
 Two datasets, both built offline with our tfds builders into a temporary directory:
   easy_vqa         one image, one question, a one-word answer (the demo's SFT data)
   llava_instruct   a fixture in LLaVA format made from easy_vqa's train split: every image with all
                    its questions as one multi-turn conversation (5-14 turns; a stand-in for
                    LLaVA-Instruct's long multi-turn rows, which cannot be downloaded here)
+and a fixture mixture of the two (data.mixture's path: grain's weighted MapDataset.mix, one
+packer across components; weights --mix-weights, easy_vqa first), standing in for the SFT
+mixture's short-answer and conversation sources.
 Each is run through DataPipeline (shuffled, phi3 template, the bundled GPT-2 BPE, MMA windows)
 with first-fit packing and with one example per padded row. Reported per configuration:
   examples/s   examples leaving the pipeline per second (after a warm-up batch, over at least
@@ -14,7 +18,7 @@ with first-fit packing and with one example per padded row. Reported per configu
   rows/ex      rows per example (padding-only: 1)
 
   python bench/data.py [--examples 2000] [--max-length 1024] [--image-size 384] [--image-tokens 144]
-                       [--workers 0] [--threads 8] [--batch-size 8]
+                       [--workers 0] [--threads 8] [--batch-size 8] [--mix-weights 0.7 0.3]
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from mma_jax.data.builder_utils import prepare  # noqa: E402
 from mma_jax.data.easy_vqa import package_data_dir  # noqa: E402
-from mma_jax.data.pipeline import DataPipeline  # noqa: E402
+from mma_jax.data.pipeline import Component, DataPipeline  # noqa: E402
 from mma_jax.data.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -84,6 +88,8 @@ def main(argv=None) -> int:
   parser.add_argument("--images-per-row", type=int, default=8, help="image slots of a packed row")
   parser.add_argument("--workers", type=int, default=0)
   parser.add_argument("--threads", type=int, default=8)
+  parser.add_argument("--mix-weights", type=float, nargs=2, default=(0.7, 0.3),
+                      metavar=("EASY_VQA", "LLAVA"), help="the fixture mixture's weights")
   args = parser.parse_args(argv)
 
   tokenizer = load_tokenizer("gpt2", "phi3")[0]
@@ -104,11 +110,16 @@ def main(argv=None) -> int:
     header = f"{'dataset':<16}{'rows':<10}{'examples/s':>12}{'tokens/s':>12}{'efficiency':>12}" \
              f"{'rows/ex':>9}"
     print(header)
-    for dataset in ("easy_vqa", "llava_instruct"):
-      source = tfds.data_source(dataset, split="train", data_dir=str(tmp / "data"))
+    sources = {name: tfds.data_source(name, split="train", data_dir=str(tmp / "data"))
+               for name in ("easy_vqa", "llava_instruct")}
+    mixture = [Component(name, name, sources[name], weight)
+               for name, weight in zip(sources, args.mix_weights)]
+    runs = [(name, {"source": source, "dataset": name}) for name, source in sources.items()]
+    runs.append(("mixture", {"components": mixture}))
+    for label, data in runs:
       for packing in (True, False):
         pipeline = DataPipeline(
-            source, dataset=dataset, tokenizer=tokenizer, num_image_tokens=args.image_tokens,
+            **data, tokenizer=tokenizer, num_image_tokens=args.image_tokens,
             batch_size=args.batch_size, max_length=args.max_length, packing=packing,
             # A padded row holds one example: its image slots need only cover one example
             # (one image in both datasets here); packed rows need room for several.
@@ -116,8 +127,10 @@ def main(argv=None) -> int:
             num_workers=args.workers, read_threads=args.threads, process_index=0,
             process_count=1)
         r = measure(pipeline, args.examples)
-        print(f"{dataset:<16}{'packed' if packing else 'padded':<10}{r['examples/s']:>12.1f}"
+        print(f"{label:<16}{'packed' if packing else 'padded':<10}{r['examples/s']:>12.1f}"
               f"{r['tokens/s']:>12.0f}{r['efficiency']:>12.3f}{r['rows/ex']:>9.3f}", flush=True)
+    print(f"mixture: the fixture mixture easy_vqa {args.mix_weights[0]} + llava_instruct "
+          f"{args.mix_weights[1]} (data.mixture's grain mixing; not the SFT sources)")
   return 0
 
 
