@@ -8,8 +8,8 @@ after the build.
 
 A `RowsBuilder` describes each split as `SplitRows`: small picklable `parts` (index or byte
 ranges), `read(part)` -> its labelled rows, `examples(row)` -> the row's (key, example) pairs.
-The plain build reads the parts in order; given a Beam runner or options (DownloadConfig, or
-`tfds build --beam_pipeline_options=...`) the same functions run as
+The plain build reads the parts in order; given a Beam runner or options (DownloadConfig,
+`prepare(..., beam_flags=[...])` or `python -m mma_jax.data.beam`) the same functions run as
 
     beam.Create(parts) | FlatMap(read) | Reshuffle() | FlatMap(examples, counting)
 
@@ -129,7 +129,6 @@ class SplitTally:
     if not self.kept:
       raise ValueError(f"{self.builder.name}/{self.split}: every row of '{self.source}' was "
                        f"skipped ({dict(self.skipped)}); see the warnings above")
-
 
 
 def log_skip(namespace: str, row: str, source, reason: str, message: str) -> None:
