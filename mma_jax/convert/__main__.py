@@ -1,7 +1,8 @@
 """python -m mma_jax.convert {import,export,verify,assemble} ...
 
   import    --format FMT --src HF_DIR --dst CKPT_DIR [--dtype bf16|f32] [--allow-pickle]
-  export    --format FMT --src CKPT_DIR --dst HF_DIR [--dtype bf16|f32]
+  export    --format FMT --src CKPT_DIR|RUN_DIR --dst HF_DIR [--dtype bf16|f32]
+            [--peft [--base-name NAME]]   (a LoRA run: merged weights, or a PEFT adapter)
   verify    --format FMT --src HF_DIR [--seq-len N] [--batch B] [--tol T]
             (last line: max_abs_logit_diff=<float>; exit 1 above --tol)
   assemble  --llm HF_DIR --vision HF_DIR --connector perceiver|mlp --dst CKPT_DIR [--add-tokens N]
@@ -29,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     if name != "verify":
       p.add_argument("--dst", required=True)
       p.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
+    if name == "export":
+      p.add_argument("--peft", action="store_true",
+                     help="a LoRA run as a PEFT adapter (adapter_model.safetensors + "
+                          "adapter_config.json) instead of merged weights")
+      p.add_argument("--base-name", help="--peft: adapter_config's base_model_name_or_path "
+                                         "(default: the run's model.init_from)")
     if name != "export":
       p.add_argument("--allow-pickle", action="store_true",
                      help="load *.bin pickles (torch.load with weights_only=True)")
@@ -50,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--allow-pickle", action="store_true")
   return parser
+
+
+def _source(src):
+  """(config, params) of a training run directory (a LoRA run: its base + what it trained), or
+  None for a converted checkpoint, which export reads itself."""
+  import pathlib
+
+  if not (pathlib.Path(src) / "checkpoints").is_dir():
+    return None
+  from mma_jax.train.base import read_base
+
+  return read_base(src)
 
 
 def _base_configs(args) -> dict:
@@ -78,7 +97,9 @@ def main(argv=None) -> int:
                          allow_pickle=args.allow_pickle)
       print(f"wrote {out}")
     elif args.command == "export":
-      print(f"wrote {ops.export_checkpoint(fmt, args.src, args.dst, dtype=args.dtype)}")
+      out = ops.export_checkpoint(fmt, args.src, args.dst, dtype=args.dtype, peft=args.peft,
+                                  base_name=args.base_name, loaded=_source(args.src))
+      print(f"wrote {out}")
     else:
       diff = ops.verify(fmt, args.src, seq_len=args.seq_len, batch=args.batch, seed=args.seed,
                         allow_pickle=args.allow_pickle, **_base_configs(args))

@@ -20,6 +20,7 @@ from mma_jax.convert.transfer import (build_with_params, check_exportable, expor
 from mma_jax.convert.vision import HF_VISION
 from mma_jax.models import build_model
 from mma_jax.models.connector import build_connector
+from mma_jax.models.lora import merged
 
 FORMATS: dict[str, Format] = {f.name: f for f in (HF_LLM, HF_VISION, LLAVA, AKI)}
 DTYPES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16}
@@ -71,8 +72,28 @@ def write_hf(fmt: Format, config: Config, params, dst, *, dtype: str = "f32") ->
   return dst
 
 
-def export_checkpoint(fmt: Format, src, dst, *, dtype: str = "f32") -> pathlib.Path:
-  config, params = load_model(src)
+def plain_config(config: Config) -> Config:
+  """The config without LoRA: what a LoRA model is once its adapters are merged."""
+  import dataclasses
+
+  return dataclasses.replace(config, model=dataclasses.replace(
+      config.model, lora=dataclasses.replace(config.model.lora, rank=0)))
+
+
+def export_checkpoint(fmt: Format, src, dst, *, dtype: str = "f32", peft: bool = False,
+                      base_name: str | None = None, loaded=None) -> pathlib.Path:
+  """A converted checkpoint (or `loaded` = (config, params), e.g. a training run's) as `fmt`'s
+  HF files; a LoRA model as merged weights, or with peft=True as a PEFT adapter directory."""
+  config, params = loaded or load_model(src)
+  lora = config.model.lora
+  if peft:
+    if not lora.enabled:
+      raise CheckpointError(f"--peft: '{src}' is not a LoRA run (model.lora.rank is 0)")
+    from mma_jax.convert.peft import write_adapter
+    return write_adapter(fmt, config, params, dst, dtype=DTYPES[dtype],
+                         base_name=base_name or config.model.init_from or None)
+  if lora.enabled:
+    params, config = merged(params, lora), plain_config(config)
   return write_hf(fmt, config, params, dst, dtype=dtype)
 
 

@@ -119,6 +119,18 @@ def has_dropout(model: nnx.Module) -> bool:
              for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module))
 
 
+# model.lora.trainable names -> the parameter path prefix each covers (LLM parts sit under
+# `llm` in an MLLM, at the top of a text-only model)
+_TRAINABLE = {"connector": ("connector",), "embed": ("llm", "embed"),
+              "lm_head": ("llm", "lm_head"), "head_bias": ("llm", "head_bias")}
+
+
+def trainable_prefix(kind: str, name: str) -> tuple[str, ...]:
+  """The path prefix of model.lora.trainable's `name` in a model of `kind` (ModelConfig.kind)."""
+  path = _TRAINABLE[name]
+  return path if kind == "mllm" or name == "connector" else path[1:]
+
+
 # ------------------------------------------------------------------------ flat parameter dicts
 def is_adapter(path: str) -> bool:
   return path.rsplit(".", 1)[-1] in ADAPTER_NAMES

@@ -22,7 +22,7 @@ from flax import nnx
 from mma_jax.config import Config, ConfigError, load_config
 from mma_jax.convert.safetensors_io import CheckpointError
 from mma_jax.convert.store import CONFIG_FILE, PARAMS_DIR, load_model
-from mma_jax.convert.transfer import flatten
+from mma_jax.convert.transfer import module_params
 from mma_jax.train.checkpoint import RunCheckpoints
 
 
@@ -31,7 +31,9 @@ class BaseMismatch(ConfigError):
 
 
 def read_base(path: str | pathlib.Path) -> tuple[Config, dict[str, np.ndarray]]:
-  """(config, {path: numpy array}) of a converted checkpoint or of a run's newest checkpoint."""
+  """(config, {path: numpy array}) of a converted checkpoint or of a run's newest checkpoint; a
+  LoRA run's parameters are its base's with the run's adapters and trained modules on top (the
+  base checked against the one the run recorded)."""
   from mma_jax.models import build_model
   from mma_jax.train.state import split_model
 
@@ -39,28 +41,35 @@ def read_base(path: str | pathlib.Path) -> tuple[Config, dict[str, np.ndarray]]:
   if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
     return load_model(path)
   if not ((path / CONFIG_FILE).is_file() and (path / "checkpoints").is_dir()):
-    raise CheckpointError(f"model.init_from='{path}' is neither a converted checkpoint "
-                          f"({CONFIG_FILE} + {PARAMS_DIR}/) nor a training run ({CONFIG_FILE} + "
-                          "checkpoints/)")
+    raise CheckpointError(f"'{path}' is neither a converted checkpoint ({CONFIG_FILE} + "
+                          f"{PARAMS_DIR}/) nor a training run ({CONFIG_FILE} + checkpoints/)")
   config = load_config(path / CONFIG_FILE)
-  if config.model.lora.enabled:
-    raise CheckpointError(f"model.init_from='{path}' is a LoRA run: merge it first "
-                          "(python -m mma_jax.convert export ... or a converted checkpoint)")
-  abstract = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
+  lora = config.model.lora.enabled
+  build = lambda: build_model(config, nnx.Rngs(config.train.seed))
+  abstract = nnx.eval_shape(build)
   _, params, frozen = split_model(abstract, config)
-  template = {"params": params, "frozen": frozen}
   checkpoints = RunCheckpoints(path, every=0, keep=1, async_save=False)
   try:
-    restored = checkpoints.restore_model(template)
+    restored = checkpoints.restore_model({"params": params, "frozen": frozen}, lora=lora)
   finally:
     checkpoints.close()
   if restored is None:
-    raise CheckpointError(f"model.init_from='{path}' holds no readable checkpoint")
-  _, state = restored
-  merged = nnx.merge_state(nnx.State(state["params"]), nnx.State(state["frozen"]))
-  flat = {".".join(map(str, k)): np.asarray(jax.device_get(v.get_value()))
-          for k, v in nnx.to_flat_state(merged)}
-  return config, flat
+    raise CheckpointError(f"run '{path}' holds no readable checkpoint")
+  step, state = restored[:2]
+  flat = lambda tree: {".".join(map(str, k)): np.asarray(jax.device_get(v.get_value()))
+                       for k, v in nnx.to_flat_state(tree)}
+  if not lora:
+    return config, {**flat(state["params"]), **flat(state["frozen"])}
+  if config.model.init_from:
+    try:
+      _, base = read_base(config.model.init_from)
+    except CheckpointError as e:
+      raise missing_base(config, e) from None
+  else:
+    base = {k: np.asarray(v) for k, v in module_params(build()).items() if "lora_" not in k}
+  check(restored[2], reference(config, base if config.model.init_from else None),
+        f"step {step} in {path}")
+  return config, {**base, **flat(state["params"])}
 
 
 def fingerprint(params: dict[str, np.ndarray]) -> str:

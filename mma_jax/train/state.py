@@ -18,22 +18,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mma_jax.config import Config
 from mma_jax.models import build_model
-from mma_jax.models.lora import ADAPTER_NAMES
+from mma_jax.models.lora import ADAPTER_NAMES, trainable_prefix
 from mma_jax.sharding import create_sharded, tree_shardings
 from mma_jax.train.optimizer import make_optimizer
 
 
-# model.lora.trainable names -> the parameter paths they cover
-_LORA_TRAINABLE = {"connector": ("connector",), "embed": ("llm", "embed"),
-                   "lm_head": ("llm", "lm_head"), "head_bias": ("llm", "head_bias")}
-
-
 def _under(prefix: tuple[str, ...]):
   return lambda path, _: tuple(str(k) for k in path[:len(prefix)]) == prefix
-
-
-def _llm_prefix(config: Config) -> tuple[str, ...]:
-  return ("llm",) if config.model.kind == "mllm" else ()
 
 
 def trainable_filter(config: Config):
@@ -42,9 +33,7 @@ def trainable_filter(config: Config):
   m = config.model
   if m.lora.enabled:
     parts = [nnx.PathContains(name) for name in ADAPTER_NAMES]
-    for name in m.lora.trainable:
-      path = _LORA_TRAINABLE[name]
-      parts.append(_under(path if name == "connector" else _llm_prefix(config) + path[1:]))
+    parts += [_under(trainable_prefix(m.kind, name)) for name in m.lora.trainable]
     return nnx.All(nnx.Param, nnx.Any(*parts))
   if m.kind == "mllm" and m.freeze_vision:
     return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision")))
