@@ -177,6 +177,8 @@ def test_pipeline_arguments_name_the_component(tokenizer):
     mixed_pipeline(tokenizer, [parts[0], Component("chat", "llava_instruct", CHAT, 0)])
   with pytest.raises(ValueError, match="must be unique"):
     mixed_pipeline(tokenizer, [parts[0], parts[0]])
+  with pytest.raises(ValueError, match="num_workers=2 cannot split the streamed component"):
+    mixed_pipeline(tokenizer, components(stream_chat=True), num_workers=2)
 
 
 # ------------------------------------------------------------------------------------- config

@@ -572,6 +572,11 @@ class DataPipeline:
                          f"{', '.join(READERS)}")
       if not c.weight > 0:
         raise ValueError(f"data pipeline: {where}weight={c.weight!r} must be positive")
+    streamed = [c.name for c in components if isinstance(c.source, grain.IterDataset)]
+    if num_workers and streamed:
+      raise ValueError(f"data pipeline: num_workers={num_workers} cannot split the streamed "
+                       f"component(s) {', '.join(streamed)} over worker processes; use "
+                       "num_workers=0 (streams are read in a thread of their own)")
     if len({c.name for c in components}) < len(components):
       raise ValueError(f"data pipeline: component names {[c.name for c in components]} "
                        "must be unique")
@@ -648,10 +653,12 @@ class DataPipeline:
     """Component k's example (or skip) records, labelled with its name: this process's shard,
     shuffled with seed + k, repeated (a stream shards, shuffles and repeats itself)."""
     component, make_example = self.components[k], self.make_examples[k]
-    if component.streamed:
-      return component.source.map_with_index(_with_index).map_with_index(ReadRecord(
+    if component.streamed:   # read and laid out in a background thread, ahead of the packer
+      records = component.source.map_with_index(_with_index).map_with_index(ReadRecord(
           make_example, augment=self.augment, seed=self.seed + k, num_records=None,
           epoch_length=None, component=component.name))
+      return grain.experimental.ThreadPrefetchIterDataset(
+          records, prefetch_buffer_size=self.pack_window)
     ds = grain.MapDataset.source(component.source).map_with_index(_with_index)
     per_process = len(ds) // self.process_count   # equal shards: every process makes as many
     where = f" of {component.name}" if len(self.components) > 1 else ""
