@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mma_jax.data.webdataset import CaptionShards, expand_shards, read_shard, split_key
+from mma_jax.data.webdataset import (CaptionShards, SampleError, expand_shards, read_shard,
+                                     sample_record, split_key)
 
 
 def image_bytes(format_: str, seed: int) -> bytes:
@@ -151,3 +152,17 @@ def test_bad_shards_are_skip_records(tmp_path):
 def test_split_key():
   assert split_key("a/b/000123.seg.jpg") == ("a/b/000123", "seg.jpg")
   assert split_key("k.JPEG") == ("k", "jpeg")
+
+
+def test_caption_sources():
+  json_caption = {"jpg": JPG, "json": json.dumps({"text": " From a key. "}).encode()}
+  assert sample_record("s.tar", "k", json_caption, "text")["caption"] == "From a key."
+  ocr = {"jpg": JPG, "txt": json.dumps([{"box": 1}, {"text": " OCR words "}]).encode()}
+  record = sample_record("s.tar", "k", ocr, "caption", "blip3_ocr_200m")
+  assert record == {"image": JPG, "image_file": "s.tar:k", "caption": "OCR words"}
+  with pytest.raises(SampleError) as error:
+    sample_record("s.tar", "k", {"jpg": JPG, "txt": b"plain words"}, "caption", "blip3_ocr_200m")
+  assert error.value.reason == "malformed_caption"
+  with pytest.raises(SampleError) as error:
+    sample_record("s.tar", "k", {"jpg": JPG, "txt": b"\xff\xfe bad"}, "caption")
+  assert error.value.reason == "malformed_caption"

@@ -4,7 +4,9 @@ BLIP3-Kale and BLIP3-OCR-200m, as the official AKI pre-training reads them, are 
 members are grouped into samples by KEY (the member path up to the first dot of its file name;
 a sample's members are consecutive): `KEY.jpg|jpeg|png|webp` the encoded image and `KEY.txt` the
 caption (what the official reader takes, stripped), or `KEY.json` holding the caption under
-`caption_key` ("caption" by default). Other members (metadata, ...) are ignored.
+`caption_key` ("caption" by default). Other members (metadata, ...) are ignored. With
+txt_format="blip3_ocr_200m" the `.txt` holds a JSON list and the caption is its element [1]
+"text", as the official code reads BLIP3-OCR-200m.
 
     CaptionShards(shards, process_index=..., process_count=...)  -> grain.IterDataset of
       {"image": bytes (not decoded), "image_file": "<shard>:<KEY>", "caption": str}
@@ -12,7 +14,8 @@ caption (what the official reader takes, stripped), or `KEY.json` holding the ca
 
 the records of the `image_captions` builder, so the pipeline reads both alike: it decodes the
 images (an undecodable one is counted there as undecodable_image) and counts skip records under
-their reason: missing_image, missing_caption, malformed_caption_json, truncated_shard (the shard
+their reason: missing_image, missing_caption, malformed_caption (a `.txt` that is not UTF-8, or
+not the OCR-200m JSON), malformed_caption_json, truncated_shard (the shard
 ends inside a member or header: what came before is kept, then one skip record, then the next
 shard) and unreadable_shard (it cannot be opened or is not a tar). A bad shard never stops a run.
 
@@ -33,7 +36,6 @@ byte offset into a compressed stream could not be seeked to.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import tarfile
 from typing import Iterator, Sequence
@@ -42,9 +44,8 @@ import grain
 import numpy as np
 from etils import epath
 
-logger = logging.getLogger(__name__)
-
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TXT_FORMATS = ("plain", "blip3_ocr_200m")
 _BLOCK = tarfile.BLOCKSIZE
 
 
@@ -94,8 +95,8 @@ class SampleError(ValueError):
     self.reason = reason
 
 
-def sample_record(shard_name: str, key: str, members: dict[str, bytes],
-                  caption_key: str) -> dict:
+def sample_record(shard_name: str, key: str, members: dict[str, bytes], caption_key: str,
+                  txt_format: str = "plain") -> dict:
   """One sample's members {extension: bytes} -> a caption record; raises SampleError."""
   image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
   if image is None:
@@ -106,6 +107,8 @@ def sample_record(shard_name: str, key: str, members: dict[str, bytes],
       caption = members["txt"].decode("utf-8")
     except UnicodeDecodeError as e:
       raise SampleError("malformed_caption", f"{key}.txt is not UTF-8: {e}") from None
+    if txt_format == "blip3_ocr_200m":
+      caption = ocr_200m_caption(key, caption)
   elif "json" in members:
     try:
       meta = json.loads(members["json"])
@@ -123,8 +126,20 @@ def sample_record(shard_name: str, key: str, members: dict[str, bytes],
   return {"image": image, "image_file": f"{shard_name}:{key}", "caption": caption.strip()}
 
 
-def read_shard(path: str, start: int = 0, caption_key: str = "caption"
-               ) -> Iterator[tuple[dict, int | None]]:
+def ocr_200m_caption(key: str, text: str) -> str:
+  """A BLIP3-OCR-200m `.txt` (a JSON list) -> its element [1]["text"], as the official reader."""
+  try:
+    caption = json.loads(text)[1]["text"]
+  except (json.JSONDecodeError, IndexError, KeyError, TypeError) as e:
+    raise SampleError("malformed_caption", f"{key}.txt is not an OCR-200m list with a [1]"
+                      f"['text'] caption: {e!r}") from None
+  if not isinstance(caption, str):
+    raise SampleError("malformed_caption", f"{key}.txt [1]['text'] is not a string")
+  return caption
+
+
+def read_shard(path: str, start: int = 0, caption_key: str = "caption",
+               txt_format: str = "plain") -> Iterator[tuple[dict, int | None]]:
   """(record, offset of the next sample's first header, or None after the shard's last record)
   for every sample of the tar shard at `path`, streamed from byte `start` (a sample boundary)."""
   name = epath.Path(path).name
@@ -153,7 +168,7 @@ def read_shard(path: str, start: int = 0, caption_key: str = "caption"
         member_key, extension = split_key(member.name)
         if member_key != key and key is not None:
           # The previous sample is complete; the next one starts at this member's header.
-          yield _record(name, key, members, caption_key), start + member.offset
+          yield _record(name, key, members, caption_key, txt_format), start + member.offset
           members, sample_start = {}, start + member.offset
         key = member_key
         members[extension] = tar.extractfile(member).read()
@@ -167,12 +182,12 @@ def read_shard(path: str, start: int = 0, caption_key: str = "caption"
       yield _skip("truncated_shard", name, key or f"@{sample_start}",
                   f"shard '{path}' is cut short ({error}); the samples before were kept"), None
     elif key is not None:
-      yield _record(name, key, members, caption_key), None
+      yield _record(name, key, members, caption_key, txt_format), None
 
 
-def _record(shard_name, key, members, caption_key) -> dict:
+def _record(shard_name, key, members, caption_key, txt_format) -> dict:
   try:
-    return sample_record(shard_name, key, members, caption_key)
+    return sample_record(shard_name, key, members, caption_key, txt_format)
   except SampleError as e:
     return _skip(e.reason, shard_name, key, f"shard '{shard_name}' sample '{key}': {e}")
 
@@ -189,15 +204,19 @@ class CaptionShards(grain.IterDataset):
   num_epochs: passes over the shards (None: forever).
   shuffle_shards / seed: a new order of this process's shards every epoch, from (seed, epoch).
   caption_key: the field of a `.json` member holding the caption (when there is no `.txt`).
+  txt_format: "plain" (the `.txt` is the caption) or "blip3_ocr_200m" (see the module docstring).
   """
 
   def __init__(self, shards: str | Sequence[str], *, process_index: int = 0,
                process_count: int = 1, num_epochs: int | None = 1, shuffle_shards: bool = False,
-               seed: int = 0, caption_key: str = "caption"):
+               seed: int = 0, caption_key: str = "caption", txt_format: str = "plain"):
     super().__init__()
     if not 0 <= process_index < process_count:
       raise ValueError(f"caption shards: process_index {process_index} is not in "
                        f"[0, {process_count})")
+    if txt_format not in TXT_FORMATS:
+      raise ValueError(f"caption shards: txt_format={txt_format!r} must be one of "
+                       f"{', '.join(TXT_FORMATS)}")
     if num_epochs is not None and num_epochs <= 0:
       raise ValueError(f"caption shards: num_epochs={num_epochs} must be positive or None")
     every = expand_shards(shards)
@@ -206,7 +225,7 @@ class CaptionShards(grain.IterDataset):
       raise ValueError(f"caption shards: {len(every)} shards cannot be shared by "
                        f"{process_count} processes (process {process_index} has none)")
     self.num_epochs, self.shuffle_shards, self.seed = num_epochs, shuffle_shards, seed
-    self.caption_key = caption_key
+    self.caption_key, self.txt_format = caption_key, txt_format
 
   def order(self, epoch: int) -> list[str]:
     """This process's shards in the order epoch `epoch` reads them."""
@@ -236,7 +255,8 @@ class CaptionShardIterator(grain.DatasetIterator):
         raise StopIteration
       if self._reader is None:
         path = self.dataset.order(self.epoch)[self.position]
-        self._reader = read_shard(path, self.offset, self.dataset.caption_key)
+        self._reader = read_shard(path, self.offset, self.dataset.caption_key,
+                                  self.dataset.txt_format)
       item = next(self._reader, None)
       if item is None:     # an empty shard
         self._next_shard()
