@@ -226,13 +226,18 @@ class MixtureEntry:
   shards: list[str] = field(default_factory=list)
   caption_key: str = ""                  # webdataset: the .json field of the caption ("caption")
 
+  @property
+  def component_name(self) -> str:
+    return self.name or self.dataset.replace("/", "_").replace(":", "_")
+
 
 @dataclass
 class DataConfig:
   dataset: str = "easy_vqa"              # one dataset; with data.mixture it reads "mixture"
   # Several datasets drawn with weights (grain's mixing), packed together, counted per component.
   mixture: list[MixtureEntry] = field(default_factory=list)
-  root: str = ""                         # relative data_dir, manual_dir, shards resolve under it
+  root: str = ""                         # relative data_dir (here and in entries), manual_dir,
+                                         # shards resolve under it
   data_dir: str = ""
   train_split: str = "train"
   eval_split: str = "test"
@@ -523,8 +528,8 @@ def validate_mixture(data: DataConfig) -> None:
     key = f"data.mixture[{i}]" + (f" ({entry.dataset})" if entry.dataset else "")
     _check(bool(entry.dataset), key, "needs a dataset")
     _check(math.isfinite(entry.weight) and entry.weight > 0, f"{key}.weight",
-           f"{entry.weight} must be a positive number")
-    name = entry.name or entry.dataset.replace("/", "_").replace(":", "_")
+           f"needs a positive weight (its share of the draws), got {entry.weight}")
+    name = entry.component_name
     _check("/" not in name, f"{key}.name", f"{name!r} must not hold '/' (it names metrics)")
     _check(name not in names, f"{key}.name", f"{name!r} is also the name of data.mixture"
            f"[{names.get(name)}]: give one of them its own name")

@@ -194,8 +194,8 @@ def test_entries_are_checked_by_name():
   assert config.data.dataset == "mixture" and config.data.mixture[1].weight == 2.0
   cases = [
       ([dict(ENTRY, wieght=1)], r"'data.mixture\[0\].wieght' is unknown"),
-      ([ENTRY, dict(ENTRY, weight=0)], r"'data.mixture\[1\] \(llava_instruct\).weight': 0.0 "
-                                       "must be a positive number"),
+      ([ENTRY, dict(ENTRY, weight=0)], r"'data.mixture\[1\] \(llava_instruct\).weight': needs "
+                                       "a positive weight .*, got 0.0"),
       ([ENTRY, dict(ENTRY, weight="heavy")], r"data.mixture\[1\].weight' expects float"),
       ([{"weight": 1}], r"'data.mixture\[0\]': needs a dataset"),
       ([ENTRY, ENTRY], r"'llava_instruct' is also the name of data.mixture\[0\]"),
@@ -259,6 +259,12 @@ def test_entries_build_under_the_root_and_flow_through(tmp_path, tokenizer, capl
   assert_same_batches(take(resumed, 3), reference)
   again = DataPipeline.from_config(config, split="train", num_image_tokens=T, tokenizer=tokenizer)
   assert len(again.components[0].source) == len(data_fixtures.LLAVA_KEPT)   # built once
+  # Held out: the entries' eval splits; the fixtures have train only, shards no splits at all.
+  with pytest.raises(MixtureError, match="no entry has its eval split"):
+    DataPipeline.from_config(config, split="test", num_image_tokens=T, training=False)
+  config.data.mixture[1].eval_split = "train[:2]"
+  held_out = DataPipeline.from_config(config, split="test", num_image_tokens=T, training=False)
+  assert [(c.name, len(c.source)) for c in held_out.components] == [("caps", 2)]
 
 
 def test_entry_problems_name_the_entry(tmp_path):

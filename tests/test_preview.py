@@ -60,7 +60,7 @@ def test_prompt_and_target_are_the_untrained_and_trained_text():
 
 def test_the_sft_mixture_config_previews_on_a_fixture_root(tmp_path, capsys, caplog):
   """configs/aki_phi35_sft.yaml with data.root at a fixture root in the original formats: every
-  source is built on first use, and the examples come labelled by component, at the weights."""
+  source is built on first use, and the examples come labelled by component."""
   root = sft_fixtures.write_root(tmp_path / "root", broken=True)
   sft_fixtures.write_llava_manual(root, root / "llava_instruct")
   args = [SFT_CONFIG, f"data.root={root}", f"data.tokenizer={TOKENIZER}", "data.flavour=official",

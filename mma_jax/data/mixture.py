@@ -2,7 +2,8 @@
 opened.
 
 A mixture is a list of entries (config.MixtureEntry): `{dataset, weight, name, split,
-eval_split, data_dir, manual_dir, shards}`. Relative paths resolve under `data.root`, so one
+eval_split, data_dir, manual_dir}`, or `{dataset: webdataset, weight, shards, caption_key}` for
+caption tar shards streamed by webdataset.CaptionShards. Relative paths resolve under `data.root`, so one
 override moves every path. An entry whose tfds dataset is not built in its data_dir is built
 there from its manual_dir (the original release files) before it is read, with a log line naming
 both (the build runs in every process that finds it missing: on a pod, build once beforehand
@@ -37,11 +38,6 @@ def resolve(root: str, path: str) -> str:
   return str(pathlib.Path(root) / path)
 
 
-def entry_name(entry) -> str:
-  """An entry's label in counts, metrics and previews."""
-  return entry.name or entry.dataset.replace("/", "_").replace(":", "_")
-
-
 def reader_of(dataset: str) -> str:
   """The READERS key of a dataset: itself, its builder's name without `/config` or `:version`,
   or the reader of a streamed kind."""
@@ -60,7 +56,7 @@ class Entry:
 
   def __init__(self, index: int, entry, data):
     self.index, self.dataset, self.weight = index, entry.dataset, entry.weight
-    self.name = entry_name(entry)
+    self.name = entry.component_name   # its label in counts, metrics and previews
     self.label = f"data.mixture[{index}] ({self.name})"
     self.split = entry.split or data.train_split
     self.eval_split = entry.eval_split or data.eval_split
@@ -143,15 +139,16 @@ def entries(data) -> list[Entry]:
 def open_components(data, *, training: bool, process_index: int, process_count: int,
                     split: str | None = None) -> list[Component]:
   """The components of `data.mixture` on each entry's training split (training) or eval split
-  (otherwise; entries whose built dataset lacks it are left out with a warning). `split`
-  overrides every entry's split."""
+  (otherwise; entries whose built dataset lacks it are left out with a warning, and so are
+  streamed ones: their shards have no splits, they are training data). `split` overrides every
+  entry's split."""
   components, left_out = [], []
   for entry in entries(data):
     chosen = split or (entry.split if training else entry.eval_split)
-    if not training and entry.dataset not in STREAMED and not split:
-      if not entry.has_split(entry.ensure_built(), chosen):
-        left_out.append(entry)
-        continue
+    if not training and not split and (entry.dataset in STREAMED or
+                                       not entry.has_split(entry.ensure_built(), chosen)):
+      left_out.append(entry)
+      continue
     components.append(entry.open(chosen, process_index=process_index,
                                  process_count=process_count, seed=data.seed, shuffle=training,
                                  num_epochs=None if training else 1))
