@@ -5,15 +5,16 @@
         [this process's shard] -> shuffle (a new order every epoch) -> repeat
         -> MakeExample: read the record, lay out the conversation or caption, truncate or drop
            what is too long, decode + resize its images (uint8; with augment, the SFT crop +
-           flip drawn from (seed, record index, epoch))
-      or a streamed grain IterDataset of records (webdataset shards) -> MakeExample
-      -> mixed with the components' weights by grain's own mixing (below)
-                                                                       (reader threads, or
-         worker processes with num_workers > 0: they see the same elements in the same order)
-      -> RowIterator: windows of `pack_window` examples, first-fit packed into rows (or one per
-         padded row); counts kept, truncated and skipped examples        (main process)
-      -> BatchIterator: batch_size rows stacked into the batch contract, images normalised
-         for the tower as they are copied in                            (main process)
+           flip drawn from (seed, record index, epoch))            (reader threads, or worker
+           processes with num_workers > 0: they see the same elements in the same order)
+      or a stream: a grain IterDataset of records that shards and repeats itself (webdataset
+        shards) -> MakeExample (in a background thread; a skip record of the stream's own
+        passes through as it is)
+    -> mixed by the components' weights with grain's own mixing (see Mixtures)
+    -> RowIterator: windows of `pack_window` examples, first-fit packed into rows (or one per
+       padded row); counts kept, truncated and skipped examples          (main process)
+    -> BatchIterator: batch_size rows stacked into the batch contract, images normalised for
+       the tower as they are copied in                                  (main process)
 
 Batches (DESIGN.md §2), per process: tokens, positions, segment_ids, window_lo, window_hi,
 targets, image_token_index int32 [B, L]; loss_mask float32 [B, L]; images float32
@@ -39,7 +40,8 @@ appears in proportion to its weight; what varies with data.seed is each componen
 sample and a record with replacement; the frequencies are the same. A finite (eval) mixture ends
 when its first component runs out. Components are packed together (the mixed stream feeds the one
 RowIterator) and counted apart: `counts.components[name]` (examples, truncated, tokens, skips by
-reason) beside the totals.
+reason) beside the totals. Worker processes (num_workers) split random-access components only:
+a mixture with a stream refuses them.
 
 The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (JSON-able dicts), or
 orbax with `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`. A restored
@@ -527,7 +529,8 @@ class DataPipeline:
   seed / shuffle / num_epochs: the order (a new shuffle every epoch); num_epochs None = forever.
   pack_window: examples packed together (bigger: fuller rows, more memory, slower restore).
   num_workers: worker processes for MakeExample (0: threads of this process only; the output is
-    the same either way). read_threads: reader threads per process.
+    the same either way; not with a streamed component). read_threads: reader threads per
+    process.
   process_index / process_count: this JAX process's shard (default: jax.process_index/count).
   system_prompt: conversations' system prompt (None: the template's default; "": none).
   flavour: "default", or "official": the phi3 template as the official AKI code lays it out.
