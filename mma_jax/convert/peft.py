@@ -52,11 +52,14 @@ def module_name(fmt: Format, key: str) -> str:
   return key.rsplit(".", 1)[0]
 
 
+def _template(name: str) -> str:
+  """A regex for module `name` with its layer numbers generalised to \\d+ (all layers alike)."""
+  return r"\.\d+\.".join(re.escape(part) for part in re.split(r"\.\d+\.", name))
+
+
 def _pattern(names) -> str:
-  """A regex matching exactly these module names, layer numbers generalised to \\d+."""
-  templates = sorted({r"\.\d+\.".join(re.escape(part) for part in re.split(r"\.\d+\.", n))
-                      for n in names})
-  return "|".join(f"(?:{t})" for t in templates)
+  """A regex matching exactly these module names (and their other layers)."""
+  return "|".join(f"(?:{t})" for t in sorted({_template(n) for n in names}))
 
 
 def _adapter(entry, params) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -123,8 +126,8 @@ def write_adapter(fmt: Format, config: Config, params, dst, *, dtype=None,
       "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_name,
       "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
       "target_modules": _pattern(targets), "modules_to_save": sorted(saved_modules) or None,
-      "rank_pattern": {re.escape(n): lora.rank * k for n, k in fused.items()},
-      "alpha_pattern": {re.escape(n): lora.alpha * k for n, k in fused.items()},
+      "rank_pattern": {_template(n): lora.rank * k for n, k in fused.items()},
+      "alpha_pattern": {_template(n): lora.alpha * k for n, k in fused.items()},
       "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
       "use_dora": False, "inference_mode": True, "layers_to_transform": None,
       "layers_pattern": None,
