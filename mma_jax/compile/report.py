@@ -6,6 +6,7 @@ import re
 import time
 from typing import Callable, Sequence
 
+import jax
 from mma_jax.compile.planner import batch_bytes, plan
 from mma_jax.compile.programs import eval_shapes, trace_program
 from mma_jax.compile.topology import describe
@@ -40,6 +41,15 @@ def kernel_calls(hlo_text: str) -> dict[str, int]:
   return counts
 
 
+def _temporaries_over_hbm(message: str) -> int | None:
+  """The bytes of XLA's 'total memory required for HLO temporaries (23.22G) exceeds available
+  HBM' (binary units, as XLA prints them), or None for any other error."""
+  found = re.search(r"RESOURCE_EXHAUSTED.*HLO temporaries \(([\d.]+)([KMGT]?)\)", message)
+  if not found:
+    return None
+  return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " "))
+
+
 def compile_report(config_path: str, overrides: Sequence[str] = (), *, topology: str,
                    program: str = "train", prompt_length: int | None = None, images: int = 1,
                    progress: Callable[[str], None] = lambda line: None) -> Report:
@@ -68,7 +78,20 @@ def compile_report(config_path: str, overrides: Sequence[str] = (), *, topology:
                                  images=images)
   lowered = traced.lower()
   traced_at = time.perf_counter()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # XLA's TPU compiler itself refuses a program whose temporaries exceed HBM: that is a
+    # "does not fit", reported with the lower bound it gives, not a crash.
+    needed = _temporaries_over_hbm(str(e))
+    if needed is None:
+      raise
+    lines = [f"XLA refused after {time.perf_counter() - start:.1f} s: "
+             f"{str(e).splitlines()[0][:300]}",
+             f"HBM per chip: {_gib(tpu.hbm_bytes)}; this program at least {_gib(needed)} "
+             "(its temporaries alone)",
+             f"per_chip_bytes={needed}", f"hbm_bytes={tpu.hbm_bytes}", "fits=no"]
+    return Report(lines, False, None, needed)
   done = time.perf_counter()
   memory = compiled.memory_analysis()
   arguments, temporaries = memory.argument_size_in_bytes, memory.temp_size_in_bytes
