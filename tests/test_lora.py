@@ -34,14 +34,32 @@ def lora_config(*, scan=False, remat="none", **lora):
   return config
 
 
-def base_and_lora(config, seed=3):
-  """(base model, LoRA model on the same base weights, with random B so adapters matter)."""
-  plain = dataclasses.replace(config, model=dataclasses.replace(
+def plain(config):
+  return dataclasses.replace(config, model=dataclasses.replace(
       config.model, lora=dataclasses.replace(config.model.lora, rank=0)))
-  base = build_model(plain, nnx.Rngs(seed))
-  adapted = module_params(build_model(config, nnx.Rngs(0)))
-  params = {**module_params(base), **{k: v for k, v in adapted.items() if "lora_" in k}}
-  return base, build_with_params(lambda: build_model(config, nnx.Rngs(0)), params)
+
+
+def random_model(config, seed=3):
+  """config's model with random weights (norm scales 1, biases 0, adapters as fresh: B = 0),
+  built from numpy: an eager build of even a tiny model costs seconds per test."""
+  from mma_jax.convert.transfer import param_shapes
+  from mma_jax.models.lora import fresh_adapters
+
+  build = lambda: build_model(config, nnx.Rngs(0))
+  shapes = param_shapes(nnx.eval_shape(build))
+  rng = np.random.default_rng(seed)
+  params = {k: (np.ones(shape, dtype) if k.endswith("scale") else np.zeros(shape, dtype)
+                if k.endswith("bias") else rng.normal(0, 0.2, shape).astype(dtype))
+            for k, (shape, dtype) in shapes.items() if "lora_" not in k}
+  params.update(fresh_adapters(shapes, seed))
+  return build_with_params(build, params)
+
+
+def base_and_lora(config, seed=3):
+  """(base model, LoRA model on the same base weights with fresh adapters)."""
+  adapted = random_model(config, seed)
+  base = {k: v for k, v in module_params(adapted).items() if "lora_" not in k}
+  return build_with_params(lambda: build_model(plain(config), nnx.Rngs(0)), base), adapted
 
 
 @jax.jit
@@ -64,9 +82,7 @@ def test_fresh_adapters_leave_the_logits_bitwise_unchanged():
   params = {k: (np.random.default_rng(1).normal(0, 0.05, v.shape).astype(v.dtype)
                 if k.endswith("lora_b") else v) for k, v in params.items()}
   live = build_with_params(lambda: build_model(config, nnx.Rngs(0)), params)
-  plain = dataclasses.replace(config, model=dataclasses.replace(
-      config.model, lora=dataclasses.replace(config.model.lora, rank=0)))
-  folded = build_with_params(lambda: build_model(plain, nnx.Rngs(0)),
+  folded = build_with_params(lambda: build_model(plain(config), nnx.Rngs(0)),
                              merged(params, config.model.lora))
   ours, merged_logits = logits(live, batch), logits(folded, batch)
   assert np.abs(ours - logits(base, batch)).max() > 1e-3
@@ -78,7 +94,7 @@ def test_only_adapters_and_the_trainable_modules_get_state_and_updates():
   connector trained in full."""
   config = lora_config(targets=["q", "v", "down"], trainable=["connector"],
                        base_dtype="bfloat16", dropout=0.1)
-  graphdef, state, optimizer = init_train_state(config)
+  graphdef, state, optimizer = init_train_state(config, model=random_model(config))
   paths = lambda tree: {".".join(map(str, p)) for p, _ in nnx.to_flat_state(tree)}
   trainable = paths(state["params"])
   assert {p for p in trainable if not p.startswith("connector.")} == {
@@ -334,3 +350,27 @@ def aki_checkpoint(tmp_path_factory):
   root = tmp_path_factory.mktemp("aki_lora")
   _build(root)
   return root, dict(llm_config=root / "llm", vision_config=root / "vision" / "config.json")
+
+
+def test_a_full_fine_tuning_run_serves_as_a_base(tmp_path):
+  """model.init_from may name a training run: its newest checkpoint's params and frozen tower."""
+  from mma_jax.config import to_yaml
+  from mma_jax.train.base import BaseMismatch, check, read_base
+  from mma_jax.train.checkpoint import RunCheckpoints
+
+  config = tiny_config()
+  _, params, frozen = split_model(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))),
+                                  config)
+  rng = np.random.default_rng(0)
+  values = lambda tree: jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), tree)
+  state = {"step": np.int32(1), "params": values(params), "frozen": values(frozen)}
+  checkpoints = RunCheckpoints(tmp_path / "run", every=1, keep=1, async_save=False)
+  checkpoints.save(1, state, {}, config)
+  checkpoints.close()
+  (tmp_path / "run" / "config.yaml").write_text(to_yaml(config))
+  _, params = read_base(tmp_path / "run")
+  expected = {**flatten(state["params"].to_pure_dict()), **flatten(state["frozen"].to_pure_dict())}
+  assert params.keys() == expected.keys() and any(k.startswith("vision.") for k in params)
+  assert all(np.array_equal(params[k], np.asarray(v)) for k, v in expected.items())
+  with pytest.raises(BaseMismatch, match="records no base model"):   # a LoRA config on it
+    check(None, {"path": "", "seed": 0, "fingerprint": ""}, "step 1")
