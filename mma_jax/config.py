@@ -154,7 +154,8 @@ class LoraConfig:
   targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
   connector: bool = False                # adapters on the connector's projections too
   trainable: list[str] = field(default_factory=lambda: ["connector"])   # trained in full
-  base_dtype: Literal["float32", "bfloat16"] = "float32"   # storage of the frozen base
+  # storage of the frozen base; "" = model.param_dtype
+  base_dtype: Literal["", "float32", "bfloat16"] = ""
 
   @property
   def enabled(self) -> bool:

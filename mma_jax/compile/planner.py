@@ -15,6 +15,7 @@ import math
 import sys
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
@@ -72,14 +73,17 @@ def plan(config: Config, sizes: dict[str, int]) -> list[ParamPlan]:
   trainable = {path for path, _ in nnx.to_flat_state(nnx.state(model, trainable_filter(config)))}
   mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
                       axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  lora = config.model.lora   # a LoRA run stores its frozen base in lora.base_dtype
+  base_dtype = lora.base_dtype if lora.enabled and lora.base_dtype else None
   plans = []
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     value = variable.get_value()
     axes = tuple(variable.get_metadata().get("out_sharding") or (None,) * value.ndim)
     spec = logical_to_spec(axes, value.shape, sizes)
+    dtype = base_dtype if base_dtype and path not in trainable else value.dtype
     plans.append(ParamPlan(
         path=".".join(map(str, path)), shape=tuple(value.shape),
-        itemsize=np.dtype(value.dtype).itemsize, axes=axes, spec=spec,
+        itemsize=jnp.dtype(dtype).itemsize, axes=axes, spec=spec,
         shard_shape=tuple(NamedSharding(mesh, spec).shard_shape(value.shape)),
         trainable=path in trainable))
   return plans

@@ -45,7 +45,7 @@ def split_model(model: nnx.Module, config: Config):
   (arrays, or ShapeDtypeStructs of an abstract model)."""
   graphdef, params, frozen = nnx.split(model, trainable_filter(config), ...)
   lora = config.model.lora
-  if lora.enabled and lora.base_dtype != config.model.param_dtype:
+  if lora.enabled and lora.base_dtype not in ("", config.model.param_dtype):
     frozen = cast_state(frozen, jnp.dtype(lora.base_dtype))
   return graphdef, params, frozen
 
