@@ -143,7 +143,8 @@ def adapted_kernels(params) -> list[str]:
 
 def merged(params, lora: LoraConfig) -> dict:
   """{path: array} with every adapter folded into its kernel (W + scale * A @ B, in f32, then the
-  kernel's dtype) and the adapter entries dropped: the plain model's parameters."""
+  wider of the kernel's and the adapter's dtypes: a bf16 base keeps the f32 adapter's precision)
+  and the adapter entries dropped: the plain model's parameters."""
   import numpy as np
 
   scale = lora.alpha / lora.rank
@@ -154,5 +155,6 @@ def merged(params, lora: LoraConfig) -> dict:
     a = np.asarray(params[stem + "lora_a"], np.float32)
     b = np.asarray(params[stem + "lora_b"], np.float32)
     # Stacked layers: a [layers, in, r] @ b [layers, r, out] batches over the layer axis.
-    out[kernel] = (w.astype(np.float32) + scale * np.matmul(a, b)).astype(w.dtype)
+    dtype = np.promote_types(w.dtype, np.asarray(params[stem + "lora_a"]).dtype)
+    out[kernel] = (w.astype(np.float32) + scale * np.matmul(a, b)).astype(dtype)
   return out

@@ -16,6 +16,7 @@ import hashlib
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -69,6 +70,9 @@ def read_base(path: str | pathlib.Path) -> tuple[Config, dict[str, np.ndarray]]:
     base = {k: np.asarray(v) for k, v in module_params(build()).items() if "lora_" not in k}
   check(restored[2], reference(config, base if config.model.init_from else None),
         f"step {step} in {path}")
+  if config.model.lora.base_dtype:   # the base as the run saw it (e.g. rounded to bf16)
+    dtype = jnp.dtype(config.model.lora.base_dtype)
+    base = {k: v.astype(dtype) for k, v in base.items()}
   return config, {**base, **flat(state["params"])}
 
 
