@@ -40,14 +40,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mma_jax.data.pipeline import VQA_PROMPT
+from mma_jax.data.sft.common import MC_INSTRUCTION, YES_NO_INSTRUCTION
 from mma_jax.evaluate.tsv import Question
 from mma_jax.layout import Conversation
 from mma_jax.templates import IMAGE_TOKEN
 
 STYLES = ("vlmevalkit", "official", "training")
 
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-YES_NO_INSTRUCTION = "Please answer yes or no."
 # VLMEvalKit's strings, exactly (the space before the last newline included).
 VLMEVALKIT_MC_INSTRUCTION = "Please select the correct answer from the options above. \n"
 VLMEVALKIT_SHORT_ANSWER = "\nAnswer the question using a single word or phrase."

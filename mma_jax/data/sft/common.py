@@ -40,11 +40,12 @@ from mma_jax.layout import _check_conversation as check_conversation   # the lay
 from mma_jax.templates import IMAGE_TOKEN
 
 # The official task prompts (sft_data_utils/templates/templates.py, template "default").
-MC_PROMPT = ("Answer with the option's letter from the given choices directly. {question}\n"
-             "Options:\n{options}\n")
-SCIENCEQA_PROMPT = ("Answer with the option's letter from the given choices directly. {question}\n"
-                    "Context: {context}\nOptions:\n{options}\n")
-VSR_PROMPT = VQA_PROMPT + " Please answer yes or no."
+# (evaluate/prompts.py asks the same questions at evaluation: it imports these instructions.)
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+YES_NO_INSTRUCTION = "Please answer yes or no."
+MC_PROMPT = MC_INSTRUCTION + " {question}\nOptions:\n{options}\n"
+SCIENCEQA_PROMPT = MC_INSTRUCTION + " {question}\nContext: {context}\nOptions:\n{options}\n"
+VSR_PROMPT = VQA_PROMPT + " " + YES_NO_INSTRUCTION
 REGION_PROMPT = "Provide a short description for this region. {bbox}"
 
 ROWS_PER_PART = 20_000   # rows per Beam work item
