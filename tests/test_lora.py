@@ -232,11 +232,12 @@ def test_demo_lora_run_trains_resumes_bitwise_and_evaluates(easy_vqa_dir, demo_b
   for a, b in zip(params_of(resumed), params_of(reference)):
     np.testing.assert_array_equal(a, b)
 
-  # eval.py on the LoRA run: the base from init_from, the adapters from the run.
+  # eval.py on the LoRA run: the base from init_from, the adapters from the run, restored onto
+  # another mesh than the run's (fsdp=8).
   sys.path.insert(0, str(ROOT))
   import eval as eval_cli
   assert eval_cli.main(["--checkpoint", str(run_dir), "--benchmark", "easy_vqa", "--limit", "16",
-                        "--batch-size", "16", "--no-progress"]) == 0
+                        "--batch-size", "16", "--no-progress", "mesh.data=2", "mesh.fsdp=4"]) == 0
   assert capsys.readouterr().out.strip().splitlines()[-1].startswith("accuracy=")
   # A missing base, or another one (here a seeded model), is one message naming it.
   with pytest.raises(BaseMismatch, match=r"model.init_from='.*nowhere' cannot be read"):
