@@ -62,6 +62,11 @@ def _pattern(names) -> str:
   return "|".join(f"(?:{t})" for t in sorted({_template(n) for n in names}))
 
 
+def _outermost(names) -> list[str]:
+  """The names no other name contains (peft wraps a module to save whole, children included)."""
+  return sorted(n for n in names if not any(n.startswith(o + ".") for o in names))
+
+
 def _adapter(entry, params) -> tuple[np.ndarray, np.ndarray, int] | None:
   """(lora_A [k*r, in], lora_B [out, k*r], k) of one export entry, or None when none of its
   kernels carries an adapter."""
@@ -125,7 +130,7 @@ def write_adapter(fmt: Format, config: Config, params, dst, *, dtype=None,
   adapter_config = {
       "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_name,
       "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-      "target_modules": _pattern(targets), "modules_to_save": sorted(saved_modules) or None,
+      "target_modules": _pattern(targets), "modules_to_save": _outermost(saved_modules) or None,
       "rank_pattern": {_template(n): lora.rank * k for n, k in fused.items()},
       "alpha_pattern": {_template(n): lora.alpha * k for n, k in fused.items()},
       "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
