@@ -6,6 +6,7 @@ import json
 import pathlib
 
 import numpy as np
+import yaml
 from PIL import Image
 
 import sft_fixtures
@@ -97,3 +98,37 @@ def test_bad_configs_exit_2_with_the_message(tmp_path, capsys):
   assert "data.mixture[0] (gqa).weight" in capsys.readouterr().err
   assert main([SFT_CONFIG, f"data.root={tmp_path}"]) == 2
   assert "data.mixture[0] (vqav2): building from manual_dir" in capsys.readouterr().err
+
+
+
+def test_preview_gives_the_official_prompt_and_target_of_every_sft_source(tmp_path, capsys):
+  """Issue 17's acceptance: for the fixture records of every SFT source, `preview --jsonl` in the
+  official flavour prints the prompt and target that the official dataset classes and templatizer
+  made of the same records (tests/fixtures/official_sft/expected.json, made by make_expected.py
+  with the official code; VSR in its official_split config, which reproduces the official
+  question). The SFT config with every source as an equal-weight component: a few hundred draws
+  visit every record."""
+  expected = json.loads((REPO / "tests" / "fixtures" / "official_sft" / "expected.json")
+                        .read_text())["records"]
+  root = sft_fixtures.write_root(tmp_path / "root")
+  sft_fixtures.write_llava_manual(root, root / "llava_instruct")
+  config = yaml.safe_load(pathlib.Path(SFT_CONFIG).read_text())
+  config["data"]["mixture"] = [
+      {"dataset": name, "weight": 1,
+       "manual_dir": "llava_instruct" if name == "llava_instruct" else "."}
+      for name in sorted({r["dataset"] for r in expected})]
+  config["base"] = [str(REPO / "configs" / base) for base in config["base"]]
+  path = tmp_path / "sft.yaml"
+  path.write_text(yaml.safe_dump(config))
+  assert main([str(path), f"data.root={root}", f"data.tokenizer={TOKENIZER}",
+               "data.flavour=official", "model.vision.image_size=28", "model.vision.patch_size=14",
+               "--n", "300", "--jsonl"]) == 0
+  seen = {}
+  for line in capsys.readouterr().out.splitlines():
+    row = json.loads(line)
+    seen.setdefault((row["dataset"], row["id"]), set()).add((row["prompt"], row["target"]))
+  for record in expected:
+    key = (record["dataset"].replace("/", "_"), record["id"])   # the component's name
+    assert key in seen, f"{key} never drawn"
+    assert (record["prompt"], record["target"]) in seen[key], (key, seen[key])
+  assert len(seen) == len({(r["dataset"], r["id"]) for r in expected})   # nothing else drawn
