@@ -9,7 +9,10 @@ Importing this package registers the tfds builders `easy_vqa`, `llava_instruct` 
 
 (`mma_jax.data.builder_utils.prepare(name, data_dir, manual_dir)` does the same in one call.)
 Modules: tokenizer.py (tokenizers), images.py (decode, resize, normalise), packing.py (examples ->
-rows), pipeline.py (grain: source -> examples -> rows -> batches of the batch contract).
+rows), pipeline.py (grain: source -> examples -> rows -> batches of the batch contract),
+mixture.py (data.mixture entries -> sources under data.root), sft/ (builders of the official AKI
+SFT sources), webdataset.py (streamed caption shards), builder_utils.py (shared build code, Beam),
+beam.py (`python -m mma_jax.data.beam`), preview.py (`python -m mma_jax.data.preview`).
 """
 from mma_jax.data import easy_vqa, image_captions, llava_instruct  # noqa: F401  (registration)
 from mma_jax.data import sft  # noqa: F401  (registration: the official SFT sources, sft/)
