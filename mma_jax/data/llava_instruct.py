@@ -84,6 +84,20 @@ def llava_example(indexed_row: tuple[int, object], images_dir: epath.Path):
   })]
 
 
+def conversation_features() -> tfds.features.FeaturesDict:
+  """The record schema of conversation datasets (this builder and every SFT source in sft/), so
+  that one pipeline reader reads them all."""
+  return tfds.features.FeaturesDict({
+      "id": tfds.features.Text(),
+      "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+      "image_files": tfds.features.Sequence(tfds.features.Text()),
+      "conversations": tfds.features.Sequence({
+          "role": tfds.features.Text(),
+          "content": tfds.features.Text(),
+      }),
+  })
+
+
 class LlavaInstruct(RowsBuilder):
   """LLaVA-format conversations with their images, from manual_dir."""
 
@@ -100,15 +114,7 @@ class LlavaInstruct(RowsBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-            "image_files": tfds.features.Sequence(tfds.features.Text()),
-            "conversations": tfds.features.Sequence({
-                "role": tfds.features.Text(),
-                "content": tfds.features.Text(),
-            }),
-        }),
+        features=conversation_features(),
         metadata=tfds.core.MetadataDict(),
         homepage="https://llava-vl.github.io/",
     )

@@ -27,13 +27,13 @@ import functools
 from collections.abc import Hashable
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
 from mma_jax.data.builder_utils import (RowError, RowsBuilder, SplitRows, checked_image_bytes,
                                         index_parts)
 from mma_jax.data.builder_utils import load_json as cached_json
+from mma_jax.data.llava_instruct import conversation_features
 from mma_jax.data.pipeline import VQA_PROMPT
 from mma_jax.layout import Conversation
 from mma_jax.layout import _check_conversation as check_conversation   # the layout's own rules
@@ -122,15 +122,7 @@ class SftBuilder(RowsBuilder, skip_registration=True):
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.__doc__,
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-            "image_files": tfds.features.Sequence(tfds.features.Text()),
-            "conversations": tfds.features.Sequence({
-                "role": tfds.features.Text(),
-                "content": tfds.features.Text(),
-            }),
-        }),
+        features=conversation_features(),
         metadata=tfds.core.MetadataDict(),
         homepage=self.HOMEPAGE or None,
     )
