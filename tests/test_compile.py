@@ -117,3 +117,16 @@ def test_sharded_step_holds_local_rows_only():
   hlo = traced.lower().compile().as_text()
   assert _global_row_tensors(hlo, 8, 256, 24, (729, 144, 729 + 144)) == []
   assert _global_row_tensors(hlo, 1, 256, 3, (729, 144, 729 + 144))   # the local rows are there
+
+
+def test_xla_refusing_for_hbm_reads_as_the_temporaries_lower_bound():
+  """XLA's TPU compiler refuses a program whose temporaries exceed HBM: the report turns its
+  message into per_chip_bytes (a lower bound) and fits=no; other errors are not read."""
+  from mma_jax.compile.report import _temporaries_over_hbm
+  message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+             "space hbm. Used 23.22G of 15.75G hbm. Exceeded hbm capacity by 7.47G.\n"
+             "Total hbm usage >= 23.47G: ... total memory required for HLO temporaries (23.22G) "
+             "exceeds available HBM")
+  assert _temporaries_over_hbm(message) == int(23.22 * 1024 ** 3)
+  assert _temporaries_over_hbm(message.replace("(23.22G)", "(512M)")) == 512 * 1024 ** 2
+  assert _temporaries_over_hbm("INVALID_ARGUMENT: something else") is None

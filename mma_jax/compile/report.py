@@ -44,7 +44,8 @@ def kernel_calls(hlo_text: str) -> dict[str, int]:
 def _temporaries_over_hbm(message: str) -> int | None:
   """The bytes of XLA's 'total memory required for HLO temporaries (23.22G) exceeds available
   HBM' (binary units, as XLA prints them), or None for any other error."""
-  found = re.search(r"RESOURCE_EXHAUSTED.*HLO temporaries \(([\d.]+)([KMGT]?)\)", message)
+  found = re.search(r"RESOURCE_EXHAUSTED.*HLO temporaries \(([\d.]+)([KMGT]?)\)", message,
+                    re.S)   # the two phrases may sit on different lines
   if not found:
     return None
   return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " "))
