@@ -69,13 +69,16 @@ class Sample:
   target: str
 
 
-def load_json(path: epath.Path, source: str):
-  """A source's JSON file (loaded once per process); a missing or invalid file stops the build
-  naming it."""
+def load_json(path: epath.Path, source: str, kind: type | None = None, holds: str = ""):
+  """A source's JSON file (loaded once per process); a missing or invalid file, or one whose top
+  level is not of type `kind` (described by `holds`), stops the build naming it."""
   if not path.is_file():
     raise FileNotFoundError(f"{source}: '{path}' does not exist (manual_dir must be the SFT data "
                             f"root of the official configs)")
-  return cached_json(path, source)
+  data = cached_json(path, source)
+  if kind is not None and not isinstance(data, kind):
+    raise ValueError(f"{source}: '{path}' must hold {holds}")
+  return data
 
 
 def field(row, key: str, kind: type | tuple[type, ...]):

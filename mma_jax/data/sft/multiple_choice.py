@@ -46,9 +46,7 @@ class Aokvqa(SftBuilder):
   @staticmethod
   def load_rows(root: epath.Path, options):
     path = root / Aokvqa.FILES[0]
-    rows = load_json(path, Aokvqa.name)
-    if not isinstance(rows, list):
-      raise ValueError(f"aokvqa: '{path}' must hold a JSON list of questions")
+    rows = load_json(path, Aokvqa.name, list, "a JSON list of questions")
     return [(f"{index} (question_id "
              f"{row.get('question_id') if isinstance(row, dict) else None!r})", row)
             for index, row in enumerate(rows)]
@@ -77,9 +75,7 @@ class Scienceqa(SftBuilder):
   @staticmethod
   def load_rows(root: epath.Path, options):
     path = root / Scienceqa.FILES[0]
-    problems = load_json(path, Scienceqa.name)
-    if not isinstance(problems, dict):
-      raise ValueError(f"scienceqa: '{path}' must hold an object {{pid: problem}}")
+    problems = load_json(path, Scienceqa.name, dict, "an object {pid: problem}")
     return [(f"pid {pid!r}", (pid, problem)) for pid, problem in problems.items()]
 
   @staticmethod

@@ -80,9 +80,7 @@ class Gqa(SftBuilder):
   @staticmethod
   def load_rows(root: epath.Path, options):
     path = root / Gqa.FILES[0]
-    questions = load_json(path, Gqa.name)
-    if not isinstance(questions, dict):
-      raise ValueError(f"gqa: '{path}' must hold an object {{question id: question}}")
+    questions = load_json(path, Gqa.name, dict, "an object {question id: question}")
     return [(f"{key!r}", (key, q)) for key, q in questions.items()]
 
   @staticmethod
@@ -107,9 +105,7 @@ class OcrVqa(SftBuilder):
     """One row per question/answer pair, (book id, book, pair index); a book without question
     and answer lists is one row, (book id, book, None)."""
     path = root / OcrVqa.FILES[0]
-    books = load_json(path, OcrVqa.name)
-    if not isinstance(books, dict):
-      raise ValueError(f"ocr_vqa: '{path}' must hold an object {{book id: book}}")
+    books = load_json(path, OcrVqa.name, dict, "an object {book id: book}")
     labelled = []
     for key, book in books.items():
       pairs = (min(len(book["questions"]), len(book["answers"]))   # zipped, as the official code
