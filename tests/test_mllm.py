@@ -109,6 +109,48 @@ def test_assemble_a_fresh_mllm(tmp_path, capsys):
   assert model(**batch).shape == (2, 300, 98)
 
 
+def test_assemble_to_a_model_config_is_what_init_from_accepts(tmp_path, capsys):
+  """`assemble --config`: exactly the configured model (AKI's table: the first vocab_size - N HF
+  rows and N new ones; a head bias), which model.init_from loads; an HF part of another
+  architecture is refused, naming the field."""
+  from mma_jax.config import to_yaml
+  from mma_jax.sharding import make_mesh
+  from mma_jax.train.loop import initial_model
+
+  save_tiny_llm("phi3", tmp_path / "llm")
+  save_tiny_tower("siglip", tmp_path / "tower")
+  hf_llm, llm = operations.read_hf(operations.HF_LLM, tmp_path / "llm")
+  hf_tower, _ = operations.read_hf(HF_VISION, tmp_path / "tower")
+  target = ModelConfig(
+      llm=dataclasses.replace(hf_llm.model.llm, vocab_size=92, head_bias=True, pad_token_id=91),
+      vision=hf_tower.model.vision,
+      connector=ConnectorConfig(type="perceiver", num_latents=4, depth=1, num_heads=2, head_dim=16))
+  (tmp_path / "model.yaml").write_text(to_yaml(Config(model=target)))
+  args = ["assemble", "--llm", str(tmp_path / "llm"), "--vision", str(tmp_path / "tower"),
+          "--config", str(tmp_path / "model.yaml"), "--add-tokens", "2"]
+  assert convert_main(args + ["--dst", str(tmp_path / "ckpt")]) == 0
+  config, params = load_model(tmp_path / "ckpt")
+  assert (config.model.llm, config.model.connector) == (target.llm, target.connector)
+  table, head = params["llm.embed.embedding"], params["llm.lm_head.kernel"]
+  assert table.shape == (92, 64) and head.shape == (64, 92)
+  np.testing.assert_array_equal(table[:90], llm["embed.embedding"][:90])
+  np.testing.assert_array_equal(head[:, :90], llm["lm_head.kernel"][:, :90])
+  assert 0.01 < table[90:].std() < 0.03 and not np.allclose(table[90:], llm["embed.embedding"][90:92])
+  bias = params["llm.head_bias"]
+  assert bias.shape == (92,) and 0 < np.abs(bias).max() <= 1 / np.sqrt(64)
+
+  run = Config(model=dataclasses.replace(target, init_from=str(tmp_path / "ckpt")))
+  _, loaded = nnx.split(initial_model(run, make_mesh(run.mesh)), nnx.Param)
+  np.testing.assert_array_equal(np.asarray(loaded["llm"]["head_bias"][...]), bias)
+
+  other = dataclasses.replace(target, llm=dataclasses.replace(target.llm, num_layers=3))
+  (tmp_path / "model.yaml").write_text(to_yaml(Config(model=other)))
+  capsys.readouterr()
+  assert convert_main(args + ["--dst", str(tmp_path / "other")]) == 2
+  assert "num_layers: config 3, checkpoint 2" in capsys.readouterr().err
+  assert not (tmp_path / "other").exists()
+
+
 def test_flash_kernel_in_the_model_matches_dense_logits_and_gradients():
   """The whole tiny MLLM in mma mode: impl=flash (interpret) vs dense, logits and every grad."""
   batch = _batch(3, length=20)

@@ -227,3 +227,11 @@ def test_train_help_prints_no_tpu_warnings():
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and "usage" in result.stdout, result.stderr
   assert not [w for w in TPU_WARNINGS if w in result.stderr], result.stderr
+
+
+def test_importing_the_training_loop_prints_nothing():
+  """train.py's imports (tensorboardX pulls in google-auth, which warns about the grpcio that
+  Apache Beam pins) leave stderr empty."""
+  result = subprocess.run([sys.executable, "-c", "import mma_jax.train.loop, mma_jax.evaluate"],
+                          cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and result.stderr == "", result.stderr

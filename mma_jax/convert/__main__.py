@@ -5,7 +5,8 @@
             [--peft [--base-name NAME]]   (a LoRA run: merged weights, or a PEFT adapter)
   verify    --format FMT --src HF_DIR [--seq-len N] [--batch B] [--tol T]
             (last line: max_abs_logit_diff=<float>; exit 1 above --tol)
-  assemble  --llm HF_DIR --vision HF_DIR --connector perceiver|mlp --dst CKPT_DIR [--add-tokens N]
+  assemble  --llm HF_DIR --vision HF_DIR (--connector perceiver|mlp | --config MODEL_YAML)
+            --dst CKPT_DIR [--add-tokens N]   (--config: exactly that model, for model.init_from)
 
 Formats: hf-llm (Llama/Qwen2/Phi-3), hf-vision (SigLIP/CLIP tower), llava, aki (AKI needs its
 base models' config.json files: --llm-config, --vision-config, or a local HF cache).
@@ -49,7 +50,11 @@ def _parser() -> argparse.ArgumentParser:
   p = sub.add_parser("assemble")
   p.add_argument("--llm", required=True, help="an HF LLM directory (hf-llm)")
   p.add_argument("--vision", required=True, help="an HF SigLIP/CLIP directory (hf-vision)")
-  p.add_argument("--connector", required=True, choices=("perceiver", "mlp"))
+  target = p.add_mutually_exclusive_group(required=True)
+  target.add_argument("--connector", choices=("perceiver", "mlp"),
+                      help="a fresh connector of this type, with its default sizes")
+  target.add_argument("--config", help="the model to build, e.g. configs/model/aki_phi35.yaml: "
+                      "its connector, vocabulary and head bias; the HF parts must match it")
   p.add_argument("--dst", required=True)
   p.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
   p.add_argument("--add-tokens", type=int, default=0,
@@ -81,7 +86,7 @@ def main(argv=None) -> int:
   import jax
 
   jax.config.update("jax_default_matmul_precision", "highest")
-  from mma_jax.config import ConfigError
+  from mma_jax.config import ConfigError, load_config
   from mma_jax.convert import operations as ops
   from mma_jax.convert.safetensors_io import CheckpointError
 
@@ -92,7 +97,9 @@ def main(argv=None) -> int:
                                   allow_pickle=args.allow_pickle, **_base_configs(args))
       print(f"wrote {out}")
     elif args.command == "assemble":
-      out = ops.assemble(args.llm, args.vision, args.connector, args.dst, dtype=args.dtype,
+      target = load_config(args.config).model if args.config else None
+      out = ops.assemble(args.llm, args.vision, args.dst, connector=args.connector,
+                         target=target, dtype=args.dtype,
                          add_tokens=args.add_tokens, seed=args.seed,
                          allow_pickle=args.allow_pickle)
       print(f"wrote {out}")

@@ -1,6 +1,8 @@
 """The conversion operations, generic over formats: import, export, verify; and assemble."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import pathlib
 
@@ -109,34 +111,74 @@ def verify(fmt: Format, src, *, seq_len: int, batch: int, seed: int = 0,
   return float(np.max(np.abs(ours - ref)[valid]))
 
 
-def assemble(llm_src, vision_src, connector: str, dst, *, dtype: str = "f32", add_tokens: int = 0,
-             seed: int = 0, allow_pickle: bool = False) -> pathlib.Path:
+def assemble(llm_src, vision_src, dst, *, connector: str = "", target: ModelConfig | None = None,
+             dtype: str = "f32", add_tokens: int = 0, seed: int = 0,
+             allow_pickle: bool = False) -> pathlib.Path:
   """A fresh MLLM, the start of pre-training: an HF LLM + an HF vision tower (each family's usual
-  feature selection) + a newly initialised connector; `add_tokens` appends rows to the LLM's
-  embedding (and head) for special tokens such as <image>."""
+  feature selection) + a newly initialised `connector`; `add_tokens` appends rows to the LLM's
+  embedding (and head) for special tokens such as <image>.
+
+  With `target` (a model config, e.g. configs/model/aki_phi35.yaml) the result is exactly that
+  model, so `model.init_from` accepts it: the HF parts must have its architecture; its table is the
+  first vocab_size - add_tokens HF rows plus `add_tokens` new ones (AKI's Decoupled embedding and
+  head: the base rows past its tokenizer are dropped); a head bias starts as torch's nn.Linear
+  bias (uniform within 1/sqrt(hidden)), as AKI's DecoupledLinear does.
+  """
   llm_config, llm_params = read_hf(HF_LLM, llm_src, allow_pickle=allow_pickle, dtype=np.float32)
   tower_config, tower_params = read_hf(HF_VISION, vision_src, allow_pickle=allow_pickle,
                                        dtype=np.float32)
   llm, vision = llm_config.model.llm, tower_config.model.vision
+  if target is None:
+    connector_cfg = ConnectorConfig(type=connector)
+    model = ModelConfig(llm=dataclasses.replace(llm, vocab_size=llm.vocab_size + add_tokens),
+                        vision=vision, connector=connector_cfg,
+                        origin=OriginConfig(format="assembled"))
+  else:
+    _check_matches(target.llm, llm, llm_src, ignore=_NAMING_FIELDS)
+    _check_matches(target.vision, vision, vision_src, ignore=_FEATURE_CHOICE_FIELDS)
+    model = copy.deepcopy(target)
+  rows = model.llm.vocab_size - add_tokens
+  table = llm_params["embed.embedding"]
+  if rows > table.shape[0]:
+    raise ConfigError(f"model.llm.vocab_size={model.llm.vocab_size} with --add-tokens "
+                      f"{add_tokens} keeps {rows} rows, but {llm_src} has only {table.shape[0]}")
   rng = np.random.default_rng(seed)
-  if add_tokens:
-    llm.vocab_size += add_tokens
-    new_rows = lambda n: rng.normal(0.0, 0.02, (add_tokens, n)).astype(np.float32)
-    table = llm_params["embed.embedding"]
-    llm_params["embed.embedding"] = np.concatenate([table, new_rows(table.shape[1])])
-    if "lm_head.kernel" in llm_params:
-      head = llm_params["lm_head.kernel"]
-      llm_params["lm_head.kernel"] = np.concatenate([head, new_rows(head.shape[0]).T], axis=1)
-  connector_cfg = ConnectorConfig(type=connector)
-  fresh = build_connector(connector_cfg, vision.hidden_size, llm.hidden_size,
+  new_rows = lambda n: rng.normal(0.0, 0.02, (add_tokens, n)).astype(np.float32)
+  llm_params["embed.embedding"] = np.concatenate([table[:rows], new_rows(table.shape[1])])
+  if "lm_head.kernel" in llm_params:
+    head = llm_params["lm_head.kernel"]
+    llm_params["lm_head.kernel"] = np.concatenate([head[:, :rows], new_rows(head.shape[0]).T], 1)
+  if model.llm.head_bias:
+    bound = 1.0 / np.sqrt(model.llm.hidden_size)
+    llm_params["head_bias"] = rng.uniform(-bound, bound, model.llm.vocab_size).astype(np.float32)
+  fresh = build_connector(model.connector, vision.hidden_size, llm.hidden_size,
                           rngs=nnx.Rngs(int(rng.integers(2**31))))
-  config = Config(model=ModelConfig(llm=llm, vision=vision, connector=connector_cfg,
-                                    origin=OriginConfig(format="assembled")))
+  config = Config(model=model)
   config.attention.mask = "causal"  # pre-training is causal (DESIGN.md §1)
   validate(config)
   params = {**{f"llm.{k}": v for k, v in llm_params.items()},
             **{f"vision.{k}": v for k, v in tower_params.items()},
             **{f"connector.{k}": v for k, v in module_params(fresh).items()}}
+  expected = param_shapes(abstract_model(config))
+  wrong = sorted(k for k in expected.keys() | params.keys()
+                 if k not in params or k not in expected or params[k].shape != expected[k][0])
+  if wrong:
+    raise CheckpointError(f"the assembled weights do not fit the model config: {', '.join(wrong)}")
   params = {k: v.astype(DTYPES[dtype]) for k, v in params.items()}
   config.model.param_dtype = "bfloat16" if dtype == "bf16" else "float32"
   return save_model(dst, params, config)
+
+
+# Fields an MLLM config sets for itself rather than reads from the HF parts: the LLM's token ids,
+# table size and head bias; the tower's feature selection.
+_NAMING_FIELDS = ("vocab_size", "head_bias", "bos_token_id", "eos_token_ids", "pad_token_id")
+_FEATURE_CHOICE_FIELDS = ("feature_layer", "post_norm", "drop_cls")
+
+
+def _check_matches(wanted, found, src, *, ignore: tuple[str, ...]) -> None:
+  differ = [f"{f.name}: config {getattr(wanted, f.name)!r}, checkpoint {getattr(found, f.name)!r}"
+            for f in dataclasses.fields(wanted)
+            if f.name not in ignore and getattr(wanted, f.name) != getattr(found, f.name)]
+  if differ:
+    raise ConfigError(f"{src} does not have the architecture of the model config: "
+                      + "; ".join(differ))
