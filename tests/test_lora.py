@@ -4,6 +4,7 @@ model, Llama inside LLaVA and Phi-3 inside AKI), and the demo recipe trains, res
 under LoRA on a base trained by the demo itself."""
 import dataclasses
 import json
+import logging
 import pathlib
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def lora_run_config(easy_vqa_dir, run_dir, base, *extra):
 
 
 def test_demo_lora_run_trains_resumes_bitwise_and_evaluates(easy_vqa_dir, demo_base, tmp_path,
-                                                            capsys):
+                                                            capsys, caplog):
   import shutil
 
   from mma_jax.evaluate.loading import load_for_eval
@@ -234,9 +235,11 @@ def test_demo_lora_run_trains_resumes_bitwise_and_evaluates(easy_vqa_dir, demo_b
   # Resumed from step 4 onto another mesh (data=2 x fsdp=4): the same run, up to the order of
   # the sums that the new sharding splits differently.
   shutil.rmtree(resumed_dir / "checkpoints" / "8")
-  remeshed, _ = train(dataclasses.replace(
-      config, checkpoint=dataclasses.replace(config.checkpoint, dir=str(resumed_dir)),
-      mesh=dataclasses.replace(config.mesh, data=2, fsdp=4)))
+  with caplog.at_level(logging.INFO, logger="mma_jax.train.loop"):
+    remeshed, _ = train(dataclasses.replace(
+        config, checkpoint=dataclasses.replace(config.checkpoint, dir=str(resumed_dir)),
+        mesh=dataclasses.replace(config.mesh, data=2, fsdp=4)))
+  assert "resumed from step 4" in caplog.text
   for a, b in zip(params_of(remeshed), params_of(reference)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
