@@ -1,6 +1,8 @@
 """MultimodalDecoder: image rows land where image_token_index says, a frozen tower gets no
 gradient; hf-vision conversion and assembling a fresh MLLM."""
 import dataclasses
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +151,25 @@ def test_assemble_to_a_model_config_is_what_init_from_accepts(tmp_path, capsys):
   assert convert_main(args + ["--dst", str(tmp_path / "other")]) == 2
   assert "num_layers: config 3, checkpoint 2" in capsys.readouterr().err
   assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in
+                                    (pathlib.Path(__file__).parents[1] / "configs/model").glob("*.yaml")))
+def test_model_presets_are_what_the_hf_readers_make_of_their_config_json(preset, tmp_path):
+  """A preset's LLM and tower, written as HF config.json and read back, are the preset (but for
+  what an MLLM sets itself): otherwise `assemble --config` and model.init_from refuse the converted
+  weights (as a sliding_window of 262144, which the reader reads as none, once did)."""
+  from mma_jax.config import load_config
+  from mma_jax.convert.llm import llm_config_from_hf
+
+  config = load_config(pathlib.Path(__file__).parents[1] / "configs/model" / preset)
+  operations._check_matches(config.model.llm, llm_config_from_hf(
+      operations.HF_LLM.hf_files(config)["config.json"]), preset, ignore=operations._NAMING_FIELDS)
+  if config.model.vision is not None:
+    for name, content in HF_VISION.hf_files(config).items():
+      (tmp_path / name).write_text(json.dumps(content))
+    operations._check_matches(config.model.vision, HF_VISION.read_config(tmp_path).model.vision,
+                              preset, ignore=operations._FEATURE_CHOICE_FIELDS)
 
 
 def test_flash_kernel_in_the_model_matches_dense_logits_and_gradients():
